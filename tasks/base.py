@@ -1,0 +1,79 @@
+"""What every task is made of: samples in, one record per sample out, metrics from records.
+
+A task is data plus a scorer (Inspect AI's shape). The engine (`harness.evaluate`) never branches on
+task type: it asks `samples()`, hands the not-yet-scored ones to `score()`, appends the records to
+`records.jsonl`, and calls `metrics()` on all records. A sample that could not be scored still gets a
+record, with `scores` values of None, and is counted in `Metric.n_unscored`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Protocol
+
+from models.lm import LM
+
+
+@dataclass(frozen=True)
+class Sample:
+    id: str                      # stable across runs: the resume key
+    data: dict[str, Any]         # whatever the task's scorer needs (question, choices, text, ...)
+
+
+@dataclass
+class Record:
+    sample_id: str
+    prompt_hash: str             # sha256 of the exact prompt(s) scored; a changed prompt is a new record
+    prediction: Any
+    target: Any
+    scores: dict[str, float | None]   # per-sample values; None = unscored
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, line: str) -> "Record":
+        return cls(**json.loads(line))
+
+
+@dataclass(frozen=True)
+class Metric:
+    value: float
+    stderr: float | None
+    n: int                       # samples that contributed to value
+    n_unscored: int = 0          # samples that have a record but no score
+
+
+class Task(Protocol):
+    name: str
+    version: str                 # changes whenever scores could change (prompt template, data files)
+    num_fewshot: int
+
+    def samples(self) -> Iterable[Sample]: ...
+
+    def score(self, lm: LM, samples: list[Sample]) -> list[Record]: ...
+
+    def metrics(self, records: list[Record]) -> dict[str, Metric]: ...
+
+
+def text_hash(*parts: str) -> str:
+    """Short sha256 over prompt parts, used for prompt_hash and task versions."""
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode("utf-8"))
+        h.update(b"\x00")
+    return h.hexdigest()[:16]
+
+
+def file_hash(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class TaskError(ValueError):
+    """Bad task input (missing data file, malformed row). The CLI prints it as one line and exits 2."""

@@ -1,0 +1,235 @@
+"""Any multiple-choice benchmark in CSV/JSONL, its fields mapped in a YAML config (lm-eval scoring).
+
+A new benchmark is one config file: say where the question, the choices, their labels and the
+answer live in each row (dotted field paths, `[]` maps over a list: ARC's `question.choices[].text`),
+and pick a template:
+
+  mmlu   lm-eval's MMLU prompt: the question, one "<label>. <choice>" line per choice, "Answer:";
+         each choice is scored as the continuation " <label>" (letters, or the row's own labels).
+  cloze  lm-eval's ARC prompt: "Question: <question>\\nAnswer:"; each choice's text is scored as
+         the continuation " <text>", and acc_norm divides each loglikelihood by the text's length.
+
+The prediction is the argmax (first on ties, like numpy). All requests of all samples go to the
+model in ONE `loglikelihood` call so the adapter can batch, sort and share prompt prefixes.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from models.lm import LM
+from tasks.base import Metric, Record, Sample, TaskError, file_hash, text_hash
+from tasks.data import local_path
+
+TEMPLATE_VERSION = "multiple_choice/v1"
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+@dataclass(frozen=True)
+class Item:
+    question: str
+    choices: tuple[str, ...]
+    labels: tuple[str, ...]
+    gold: int                              # index into choices
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)
+
+
+# --- templates: what is shown, and what each choice is scored as ---------------------------------
+
+def lettered_prompt(item: Item) -> str:
+    """lm-eval `mmlu` doc_to_text, generalised to any number of labelled choices."""
+    lines = "".join(f"\n{label}. {choice}" for label, choice in zip(item.labels, item.choices))
+    return f"{item.question.strip()}{lines}\nAnswer:"
+
+
+def cloze_prompt(item: Item) -> str:
+    """lm-eval `arc_easy` / `arc_challenge` doc_to_text."""
+    return f"Question: {item.question}\nAnswer:"
+
+
+TEMPLATES = {  # name -> (prompt, answer strings scored after a " " target delimiter)
+    "mmlu": (lettered_prompt, lambda item: item.labels),
+    "cloze": (cloze_prompt, lambda item: item.choices),
+}
+
+
+def build_context(template: str, description: str, shots: Sequence[Item], item: Item) -> str:
+    """lm-eval's plain-text fewshot_context: description, then each shot as prompt + " " + its
+    gold answer + "\\n\\n", then the question's prompt (no trailing space: it goes with the answer)."""
+    prompt, answers = TEMPLATES[template]
+    shot_text = "".join(f"{prompt(s)} {answers(s)[s.gold]}\n\n" for s in shots)
+    return description + shot_text + prompt(item)
+
+
+def choice_sample(sample_id: str, template: str, description: str, shots: Sequence[Item],
+                  item: Item, **extra: Any) -> Sample:
+    answers = TEMPLATES[template][1](item)
+    return Sample(sample_id, {
+        "context": build_context(template, description, shots, item),
+        "continuations": [" " + a for a in answers],
+        "labels": list(item.labels),
+        "gold": item.gold,
+        # acc_norm divides by the answer's character length (lm-eval); letters would make it == acc
+        "norm_lengths": [len(a) for a in answers] if template == "cloze" else None,
+        "extra": extra,
+    })
+
+
+def score_choices(lm: LM, samples: list[Sample]) -> list[Record]:
+    requests = [(s.data["context"], c) for s in samples for c in s.data["continuations"]]
+    lls = lm.loglikelihood(requests) if requests else []
+    records, at = [], 0
+    for s in samples:
+        d = s.data
+        mine = [float(x) for x in lls[at: at + len(d["continuations"])]]
+        at += len(mine)
+        pred = first_argmax(mine)
+        scores = {"acc": float(pred == d["gold"])}
+        if d.get("norm_lengths"):
+            scores["acc_norm"] = float(first_argmax([ll / n for ll, n in zip(mine, d["norm_lengths"])]) == d["gold"])
+        records.append(Record(
+            sample_id=s.id, prompt_hash=text_hash(d["context"], *d["continuations"]),
+            prediction=d["labels"][pred], target=d["labels"][d["gold"]], scores=scores,
+            extra={**d.get("extra", {}), "loglikelihoods": mine},
+        ))
+    return records
+
+
+def first_argmax(values: Sequence[float]) -> int:
+    return max(range(len(values)), key=lambda i: (values[i], -i))
+
+
+def mean_metric(values: Sequence[float | None]) -> Metric:
+    """Mean with lm-eval's stderr (sample std / sqrt(n); for 0/1 scores sqrt(p(1-p)/(n-1)))."""
+    scored = [v for v in values if v is not None]
+    n = len(scored)
+    if n == 0:
+        return Metric(float("nan"), None, 0, len(values))
+    mean = sum(scored) / n
+    stderr = math.sqrt(sum((v - mean) ** 2 for v in scored) / (n - 1) / n) if n > 1 else None
+    return Metric(mean, stderr, n, len(values) - n)
+
+
+# --- reading rows and mapping fields ------------------------------------------------------------
+
+def get_field(obj: Any, path: str) -> Any:
+    """Dotted path into nested dicts/lists; `name[]` maps the rest of the path over a list."""
+    head, _, rest = path.partition(".")
+    if head.endswith("[]"):
+        return [get_field(x, rest) if rest else x for x in _step(obj, head[:-2])]
+    value = _step(obj, head)
+    return get_field(value, rest) if rest else value
+
+
+def _step(obj: Any, key: str) -> Any:
+    if isinstance(obj, (list, tuple)):
+        return obj[int(key)]
+    return obj[key]
+
+
+def read_rows(path, fmt: str, columns: Sequence[str] | None = None) -> list[tuple[int, Any]]:
+    """(line number, row) pairs from a JSONL, JSON array or CSV file (header row unless
+    `columns` names the columns). Malformed input -> TaskError naming file and line."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            if fmt == "jsonl":
+                rows = []
+                for lineno, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            rows.append((lineno, json.loads(line)))
+                        except json.JSONDecodeError as e:
+                            raise TaskError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                return rows
+            if fmt == "json":
+                return list(enumerate(json.load(f), 1))
+            if fmt == "csv":
+                reader = csv.reader(f)
+                names = list(columns) if columns else next(reader, [])
+                rows = []
+                for row in reader:
+                    if len(row) != len(names):
+                        raise TaskError(f"{path}:{reader.line_num}: {len(row)} fields, expected {len(names)}")
+                    rows.append((reader.line_num, dict(zip(names, row))))
+                return rows
+    except (UnicodeDecodeError, csv.Error, json.JSONDecodeError) as e:
+        raise TaskError(f"{path}: cannot parse as {fmt} ({e})") from None
+    raise TaskError(f"unknown format {fmt!r} for {path}; use jsonl, json or csv")
+
+
+class MultipleChoiceTask:
+    def __init__(self, name: str, path: str, format: str = "jsonl", question: str = "question",
+                 choices: str | Sequence[str] = "choices", answer: str = "answer",
+                 answer_type: str = "label", labels: str | None = None, description: str = "",
+                 fewshot_path: str | None = None, num_fewshot: int = 0, limit: int | None = None,
+                 template: str = "mmlu", id_field: str | None = None,
+                 columns: Sequence[str] | None = None):
+        if template not in TEMPLATES:
+            raise TaskError(f"unknown template {template!r}; choose one of {sorted(TEMPLATES)}")
+        if answer_type not in ("label", "index", "text"):
+            raise TaskError(f"answer_type must be label, index or text, not {answer_type!r}")
+        self.name, self.num_fewshot, self.limit = name, int(num_fewshot), limit
+        self.template, self.description = template, description
+        self.fields = dict(question=question, choices=choices if isinstance(choices, str) else list(choices),
+                           answer=answer, answer_type=answer_type, labels=labels, id_field=id_field)
+        self.format, self.columns = format, list(columns) if columns else None
+        self.path = local_path(path)
+        self.fewshot_path = local_path(fewshot_path) if fewshot_path else None
+        if self.num_fewshot and self.fewshot_path is None:
+            raise TaskError(f"{name}: num_fewshot={self.num_fewshot} needs a fewshot_path")
+        data_hashes = [file_hash(str(self.path))]
+        if self.num_fewshot:
+            data_hashes.append(file_hash(str(self.fewshot_path)))
+        self.version = text_hash(TEMPLATE_VERSION, template, description, str(self.num_fewshot),
+                                 json.dumps(self.fields, sort_keys=True), *data_hashes)
+
+    def items(self, path) -> list[Item]:
+        out = []
+        for lineno, row in read_rows(path, self.format, self.columns):
+            try:
+                out.append(self.to_item(row))
+            except (KeyError, IndexError, TypeError, ValueError) as e:
+                raise TaskError(f"{path}:{lineno}: cannot map row ({type(e).__name__}: {e})") from None
+        return out
+
+    def to_item(self, row: Any) -> Item:
+        f = self.fields
+        choices = get_field(row, f["choices"]) if isinstance(f["choices"], str) \
+            else [get_field(row, c) for c in f["choices"]]
+        choices = tuple(str(c) for c in choices)
+        labels = tuple(str(x).strip() for x in get_field(row, f["labels"])) if f["labels"] \
+            else tuple(LETTERS[: len(choices)])
+        if len(labels) != len(choices) or len(choices) < 2:
+            raise ValueError(f"{len(choices)} choices but {len(labels)} labels")
+        answer = get_field(row, f["answer"])
+        gold = {"label": lambda: labels.index(str(answer).strip()),  # ARC: answerKey is "B" or "2"
+                "index": lambda: int(answer),
+                "text": lambda: choices.index(str(answer))}[f["answer_type"]]()
+        if not 0 <= gold < len(choices):
+            raise ValueError(f"answer index {gold} out of range")
+        row_id = str(get_field(row, f["id_field"])) if f["id_field"] else None
+        return Item(str(get_field(row, f["question"])), choices, labels, gold, {"row_id": row_id})
+
+    def samples(self) -> list[Sample]:
+        items = self.items(self.path)[: self.limit]
+        pool = self.items(self.fewshot_path) if self.num_fewshot else []
+        same_file = self.fewshot_path == self.path
+        out = []
+        for i, item in enumerate(items):
+            # lm-eval's first_n sampler: the first shots in file order, minus the question itself
+            shots = [s for s in pool if not (same_file and s == item)][: self.num_fewshot]
+            if len(shots) < self.num_fewshot:
+                raise TaskError(f"{self.fewshot_path} has fewer than {self.num_fewshot} few-shot rows")
+            sample_id = item.meta["row_id"] or f"{i:05d}-{text_hash(item.question)[:8]}"
+            out.append(choice_sample(sample_id, self.template, self.description, shots, item))
+        return out
+
+    def score(self, lm: LM, samples: list[Sample]) -> list[Record]:
+        return score_choices(lm, samples)
+
+    def metrics(self, records: list[Record]) -> dict[str, Metric]:
+        keys = ["acc", "acc_norm"] if self.template == "cloze" else ["acc"]
+        return {k: mean_metric([r.scores.get(k) for r in records]) for k in keys}
