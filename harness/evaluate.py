@@ -147,8 +147,7 @@ def evaluate(task, lm, run_dir, seed: int = 1234, chunk_size: int = 256,
     from tqdm import tqdm
 
     seed_everything(seed)
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir := Path(run_dir)).mkdir(parents=True, exist_ok=True)
     with _locked(run_dir):
         key = {"task": task.name, "task_version": task.version, "seed": seed, **(run_key or {})}
         state = _open_run(run_dir, key)
@@ -159,9 +158,8 @@ def evaluate(task, lm, run_dir, seed: int = 1234, chunk_size: int = 256,
         if len(set(ids)) != len(ids):
             dup = Counter(ids).most_common(1)[0][0]
             raise RuntimeError(f"task {task.name} yields sample id {dup!r} more than once")
-        rec_path = run_dir / "records.jsonl"
         done: dict = {}
-        for r in load_records(rec_path):
+        for r in load_records(rec_path := run_dir / "records.jsonl"):
             done.setdefault(r.sample_id, r)
         todo = [s for s in samples if s.id not in done]
         n_reused = len(samples) - len(todo)
