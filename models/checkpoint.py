@@ -76,13 +76,18 @@ def _safetensors_files(folder: Path) -> list[Path]:
 
 # --- our own checkpoint folder -------------------------------------------------------------------
 
+def read_labels(folder: Path) -> list[str] | None:
+    meta = json.loads((folder / "config.json").read_text())
+    return meta.get("labels")
+
+
 def load_native(folder: Path):
     meta = json.loads((folder / "config.json").read_text())
     return meta["architecture"], meta["config"], _read_safetensors(_safetensors_files(folder))
 
 
 def save_checkpoint(folder: str | Path, model: torch.nn.Module, tokenizer, provenance: dict,
-                    overwrite: bool = False) -> Path:
+                    overwrite: bool = False, labels: list[str] | None = None) -> Path:
     """Write model.safetensors + config.json + tokenizer files + provenance.json atomically: into a
     temporary sibling folder first, renamed into place only when complete."""
     from dataclasses import asdict
@@ -96,6 +101,8 @@ def save_checkpoint(folder: str | Path, model: torch.nn.Module, tokenizer, prove
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"))
         meta = {"architecture": model.architecture, "config": asdict(model.config)}
+        if labels:  # a classifier's class names, in head order
+            meta["labels"] = list(labels)
         (tmp / "config.json").write_text(json.dumps(meta, indent=2))
         tokenizer.save(tmp)
         (tmp / "provenance.json").write_text(json.dumps(provenance, indent=2, default=str))

@@ -26,6 +26,8 @@ class GPTConfig:
     qkv_bias: bool = True
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
+    # > 0: a classifier, the vocabulary head replaced by num_classes outputs (spam finetuning, ch06)
+    num_classes: int = 0
 
     @property
     def head_dim(self) -> int:
@@ -45,6 +47,13 @@ GPT_CONFIGS: dict[str, dict] = {
     "gpt-tiny": dict(context_length=256, d_model=64, n_layers=2, n_heads=4),
     "gpt-small": dict(context_length=256, d_model=256, n_layers=4, n_heads=4),
 }
+
+
+def output_head(cfg) -> nn.Linear | None:
+    """The vocabulary head (None when tied to the embedding) or a classifier's num_classes head."""
+    if cfg.num_classes:
+        return nn.Linear(cfg.d_model, cfg.num_classes)
+    return None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
 
 
 class CausalSelfAttention(nn.Module):
@@ -103,7 +112,7 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.final_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.head = output_head(cfg)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
             if name.endswith("proj.weight"):

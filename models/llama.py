@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.cache import KVCache, attention_mask
+from models.gpt import output_head
 
 
 @dataclass
@@ -32,6 +33,7 @@ class LlamaConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     attn_bias: bool = False
+    num_classes: int = 0          # > 0: classifier head (see models.gpt.GPTConfig)
 
     @property
     def head_dim(self) -> int:
@@ -126,7 +128,7 @@ class Llama(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.final_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.head = output_head(cfg)
         for name, p in self.named_parameters():
             if p.dim() == 2:
                 std = 0.02 / math.sqrt(2 * cfg.n_layers) if name.endswith(("o_proj.weight", "down.weight")) else 0.02

@@ -88,6 +88,8 @@ class TorchLM:
         self.device = model.tok_emb.weight.device
         # The token that predicts a text's first token: BOS where the model uses one, else EOS (lm-eval).
         self.prefix_token = tokenizer.bos_id if tokenizer.add_bos and tokenizer.bos_id is not None else tokenizer.eos_id
+        # A classifier checkpoint (num_classes > 0) answers classify(); its labels come from config.json.
+        self.labels: list[str] | None = list(self.info.get("labels") or []) or None
 
     # -- tokenization -----------------------------------------------------------------------------
     def _encode(self, text: str) -> list[int]:
@@ -108,6 +110,7 @@ class TorchLM:
 
     # -- scoring ----------------------------------------------------------------------------------
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[float]:
+        self._require_vocabulary_head()
         units: dict[tuple[int, ...], _Unit] = {}
         for i, (context, continuation) in enumerate(requests):
             ctx, cont = self._encode_pair(context, continuation)
@@ -120,6 +123,7 @@ class TorchLM:
 
     def loglikelihood_rolling(self, texts: Sequence[str], *, max_length: int | None = None,
                               stride: int | None = None) -> list[float]:
+        self._require_vocabulary_head()
         max_len = min(max_length or self.max_length, self.max_length)
         stride = min(stride or max_len, max_len)
         units = []
@@ -199,6 +203,28 @@ class TorchLM:
         for owner, lp in zip(owners, logprobs.tolist()):
             results[owner] += lp
 
+    def _require_vocabulary_head(self) -> None:
+        if self.labels:
+            raise ValueError(f"{self.name} is a classifier ({'/'.join(self.labels)}); it has no "
+                             "vocabulary head to score or generate text with")
+
+    def classify(self, texts: Sequence[str], batch_size: int = 16) -> list[list[float]]:
+        """Log-probabilities over `self.labels` for each text (classifier checkpoints only)."""
+        from models.classifier import class_logits, pad_right
+        if not self.labels:
+            raise ValueError(f"{self.name} has no classifier head; score it through loglikelihood")
+        encoded = [self._encode(t) for t in texts]
+        order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
+        out: list[list[float]] = [[] for _ in texts]
+        with torch.inference_mode():
+            for s in range(0, len(order), batch_size):
+                idx = order[s:s + batch_size]
+                tokens, lengths = pad_right([encoded[i] for i in idx], self.tokenizer.eos_id, self.max_length)
+                logprobs = class_logits(self.model, tokens.to(self.device), lengths).float().log_softmax(-1)
+                for i, row in zip(idx, logprobs.tolist()):
+                    out[i] = row
+        return out
+
     # -- generation -------------------------------------------------------------------------------
     def chat_prompt(self, messages: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
@@ -206,6 +232,7 @@ class TorchLM:
     def generate(self, prompts: Sequence[str], *, max_new_tokens: int, stop: Sequence[str] = (),
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None, batch_size: int = 8) -> list[str]:
+        self._require_vocabulary_head()
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         encoded = [self._encode(p)[-(self.max_length - 1):] for p in prompts]
         order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))   # similar lengths batch together

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from models.checkpoint import CheckpointError, build_model, load_any, load_weights
+from models.checkpoint import CheckpointError, build_model, load_any, load_weights, read_labels
 from models.download import MissingFileError, ensure_file, models_root, sha256_file
 from models.gpt import GPT_CONFIGS
 from models.llama import LLAMA_CONFIGS
@@ -125,10 +125,12 @@ def load_model(name_or_path: str):
         raise CheckpointError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
                               f"{model.config.vocab_size}; the tokenizer does not belong to this model")
     weights = path if path.is_file() else next(iter(sorted(path.glob("*.safetensors"))))
-    provenance = ""
-    if (path / "provenance.json").exists() if path.is_dir() else False:
-        provenance = json.loads((path / "provenance.json").read_text()).get("id", "")
-    return model, tokenizer, {"checkpoint_sha": sha256_file(weights)[:12], "provenance": provenance}
+    info = {"checkpoint_sha": sha256_file(weights)[:12], "provenance": ""}
+    if kind == "native":
+        info["labels"] = read_labels(path)
+        if (path / "provenance.json").exists():
+            info["provenance"] = json.loads((path / "provenance.json").read_text()).get("id", "")
+    return model, tokenizer, info
 
 
 def load_lm(name: str, dtype: str = "float32", device: str = "cpu", max_batch_tokens: int = 4096,
