@@ -150,8 +150,9 @@ class TorchLM:
         return results
 
     def _prefix_groups(self, units: list[_Unit]):
-        """Split lexicographically sorted units into runs that share a long token prefix."""
-        i = 0
+        """Split lexicographically sorted units into runs that share a long token prefix (scored
+        with that prefix's KV cache computed once) and one group of all the rest (prefix 0)."""
+        unshared, i = [], 0
         while i < len(units):
             first, j = units[i].tokens, i + 1
             head = first[: self.min_shared_prefix]   # tuple slices compare in C: fast on 14k questions
@@ -160,8 +161,13 @@ class TorchLM:
             group = units[i:j]
             shared = _common_prefix(first, group[-1].tokens) if len(group) > 1 else 0
             shared = min(shared, min(len(u.tokens) for u in group) - 1)  # every row keeps >= 1 own token
-            yield (shared if shared >= self.min_shared_prefix else 0), group
+            if shared >= self.min_shared_prefix:
+                yield shared, group
+            else:
+                unshared += group
             i = j
+        if unshared:
+            yield 0, unshared
 
     def _score_group(self, group: list[_Unit], prefix_len: int, results: list[float], bar) -> None:
         prefix_cache = None
