@@ -30,6 +30,9 @@ MMLU_SPLIT_SHA256 = {
 WIKITEXT2_RAW_URL = "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-2-raw-v1.zip"
 WIKITEXT2_RAW_FILES = ("wiki.test.raw", "wiki.valid.raw", "wiki.train.raw")
 
+SMS_SPAM_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
+SMS_SPAM_SHA256 = "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"
+
 ARC_URL = "https://ai2-public-datasets.s3.amazonaws.com/arc/ARC-V1-Feb2018.zip"
 ARC_SHA256 = {
     "ARC-Challenge/ARC-Challenge-Test.jsonl": "9fa8ffb3e3a1f88cb302d53dd95aae81e39209ad9bcf974376b319d8fd35717c",
@@ -93,7 +96,20 @@ def arc_dir() -> Path:
     return root
 
 
-FETCHERS = {"mmlu": mmlu_dir, "wikitext2": lambda: wikitext2_raw("test").parent, "arc": arc_dir}
+def sms_spam_file() -> Path:
+    """`sms_spam/SMSSpamCollection` (UCI SMS Spam Collection v.1, `ham|spam<TAB>text` lines)."""
+    folder = data_root() / "sms_spam"
+    path = folder / "SMSSpamCollection"
+    if path.exists():
+        return path
+    how = f"unzip SMSSpamCollection of {SMS_SPAM_URL} into {folder}/"
+    _fetch_zip_members(SMS_SPAM_URL, "SMS Spam Collection", folder, how,
+                       {"SMSSpamCollection": "SMSSpamCollection"}, {"SMSSpamCollection": SMS_SPAM_SHA256})
+    return path
+
+
+FETCHERS = {"mmlu": mmlu_dir, "wikitext2": lambda: wikitext2_raw("test").parent, "arc": arc_dir,
+            "sms_spam": lambda: sms_spam_file().parent}
 
 
 def local_path(path: str | Path) -> Path:

@@ -1,0 +1,271 @@
+"""MMLU questions/s of our TorchLM against lm-evaluation-harness's `hf` backend, same requests.
+
+Anchor: `lm_eval.models.huggingface.HFLM` wrapping transformers' Llama loaded from the same GGUF file
+(SmolLM2-135M-Instruct.Q4_1, dequantized to fp32) and transformers' GGUF tokenizer; its
+`loglikelihood` gets `Instance`s built from exactly the (context, continuation) pairs our
+`MMLUTask(...).samples()` produces (tests/test_tasks.py proves those equal lm-eval's own requests).
+Ours: `load_lm("smollm2-135m-instruct", dtype=...).loglikelihood(same pairs)`.
+
+Per few-shot setting it prints questions/s of lm-eval (fp32) and ours (fp32, bf16) with the ratios
+and the issue's targets, prediction agreement (every fp32 disagreement listed with its top-2 gaps),
+and max |delta loglikelihood|. Runs are interleaved in one process (ours, lm-eval, ours, ...; the
+machine is shared) and medians reported. A JSON summary goes to bench/results/mmlu_speed.json.
+
+Run:  python bench/mmlu_speed.py [--subjects a,b] [--fewshot 0 5] [--limit N] ...
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")          # the anchor must never reach the network
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from models.registry import load_lm  # noqa: E402
+from tasks.mmlu import MMLUTask  # noqa: E402
+from tasks.multiple_choice import first_argmax  # noqa: E402
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The issue's targets: speed-up of ours over lm-eval hf fp32, per (our dtype, num_fewshot).
+SPEED_TARGETS = {("float32", 0): 1.2, ("float32", 5): 4.0, ("bfloat16", 0): 3.0, ("bfloat16", 5): 10.0}
+BF16_MIN_AGREEMENT = 98.0      # % of questions whose bf16 prediction equals lm-eval fp32's
+NEAR_TIE = 1e-4                # fp32 predictions may differ only where the top-2 gap is below this
+# lm-eval batch size: a probe of 4/8/16/32/64 on 48 questions (0- and 5-shot, both orders) on this
+# 2-core machine had 8 fastest in both settings (CPU matmuls are already large; bigger batches pad more).
+DEFAULT_LMEVAL_BATCH = 8
+
+
+def models_dir() -> Path:
+    return Path(os.environ.get("HARNESS_MODELS", Path.home() / ".cache/harness/models"))
+
+
+def quiet_libraries() -> None:
+    import transformers
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    for name in ("lm_eval", "lm-eval", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def load_anchor_parts():
+    """transformers' model and tokenizer from the local GGUF: nothing is downloaded."""
+    import transformers
+    path = models_dir() / GGUF
+    if not path.exists():
+        sys.exit(f"error: {path} not found (set HARNESS_MODELS)")
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                              dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return model, tok
+
+
+def make_hflm(model, tok, batch_size: int):
+    from lm_eval.models.huggingface import HFLM
+    # A pre-loaded model object: HFLM takes its device/config from it and loads nothing.
+    return HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size,
+                max_length=model.config.max_position_embeddings)
+
+
+def lmeval_loglikelihood(hflm, requests: list[tuple[str, str]]) -> list[float]:
+    from lm_eval.api.instance import Instance
+    inst = [Instance(request_type="loglikelihood", doc={}, arguments=r, idx=i) for i, r in enumerate(requests)]
+    return [float(ll) for ll, _greedy in hflm.loglikelihood(inst, disable_tqdm=True)]
+
+
+def timed(fn, *a):
+    t = time.perf_counter()
+    out = fn(*a)
+    return time.perf_counter() - t, out
+
+
+def predictions(lls: list[float], n_choices: list[int]) -> list[int]:
+    out, at = [], 0
+    for k in n_choices:
+        out.append(first_argmax(lls[at:at + k]))
+        at += k
+    return out
+
+
+def top2_gap(vals: list[float]) -> float:
+    s = sorted(vals, reverse=True)
+    return s[0] - s[1]
+
+
+def pf(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("PASS" if ok else "MISS")
+
+
+def probe_batch_size(model, tok, requests, candidates=(8, 16, 32)) -> int:
+    """Quick pick of lm-eval's fastest batch size: one interleaved pass over `requests` each."""
+    best, best_t = candidates[0], float("inf")
+    for bs in candidates:
+        hflm = make_hflm(model, tok, bs)
+        dt, _ = timed(lmeval_loglikelihood, hflm, requests)
+        print(f"  lm-eval batch_size {bs}: {dt:.1f}s", flush=True)
+        if dt < best_t:
+            best, best_t = bs, dt
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--subjects", default="abstract_algebra,anatomy", help="comma-separated MMLU subjects")
+    ap.add_argument("--limit", type=int, default=80, help="first N test questions per subject (0: all)")
+    ap.add_argument("--fewshot", type=int, nargs="+", default=[0, 5])
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"],
+                    help="our dtypes (lm-eval always runs fp32, the anchor)")
+    ap.add_argument("--repeats", type=int, default=1, help="timed lm-eval runs per setting (slow)")
+    ap.add_argument("--our-repeats", type=int, default=3, help="timed runs of ours per dtype and setting")
+    ap.add_argument("--batch-size", default=str(DEFAULT_LMEVAL_BATCH),
+                    help=f"lm-eval batch size (default {DEFAULT_LMEVAL_BATCH}, its fastest in a probe here), "
+                         "or 'probe' to time 8/16/32 on the first 32 questions of the largest few-shot setting")
+    ap.add_argument("--max-batch-tokens", type=int, default=4096, help="ours (load_lm default)")
+    ap.add_argument("--out", default=str(ROOT / "bench/results/mmlu_speed.json"))
+    args = ap.parse_args()
+    subjects = [s for s in args.subjects.split(",") if s]
+    limit = args.limit or None
+
+    quiet_libraries()
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpus {os.cpu_count()}, "
+          f"{platform.processor() or platform.machine()}, load avg {os.getloadavg()[0]:.2f}", flush=True)
+    t0 = time.perf_counter()
+    model, tok = load_anchor_parts()
+    ours = {d: load_lm("smollm2-135m-instruct", dtype=d, max_batch_tokens=args.max_batch_tokens, progress=False)
+            for d in args.dtypes}
+    print(f"models loaded in {time.perf_counter() - t0:.1f}s", flush=True)
+
+    settings = {}
+    for k in args.fewshot:
+        samples = MMLUTask(subjects, num_fewshot=k, limit=limit).samples()
+        reqs = [(s.data["context"], c) for s in samples for c in s.data["continuations"]]
+        settings[k] = (samples, reqs)
+
+    if args.batch_size == "probe":
+        samples, reqs = settings[max(settings)]
+        n = sum(len(s.data["continuations"]) for s in samples[:32])
+        print(f"probing lm-eval batch size on {min(32, len(samples))} questions, {max(settings)}-shot:", flush=True)
+        batch_size = probe_batch_size(model, tok, reqs[:n])
+    else:
+        batch_size = int(args.batch_size)
+    hflm = make_hflm(model, tok, batch_size)
+    print(f"subjects {','.join(subjects)}, limit {limit}, lm-eval hf batch_size={batch_size}, "
+          f"repeats lm-eval {args.repeats} / ours {args.our_repeats} (interleaved, medians)", flush=True)
+
+    summary = {
+        "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+                    "processor": platform.processor() or platform.machine()},
+        "anchor": f"lm_eval {__import__('lm_eval').__version__} HFLM(hf, fp32, batch_size={batch_size}) over "
+                  f"transformers {__import__('transformers').__version__} from {GGUF}",
+        "subjects": subjects, "limit": limit, "lmeval_batch_size": batch_size,
+        "repeats": {"lmeval": args.repeats, "ours": args.our_repeats}, "settings": {},
+    }
+    all_pass = True
+    for k, (samples, reqs) in settings.items():
+        nq = len(samples)
+        n_choices = [len(s.data["continuations"]) for s in samples]
+        print(f"\n=== {k}-shot: {nq} questions, {len(reqs)} requests ===", flush=True)
+        # warm-up (untimed): the first 4 questions on each side
+        w = sum(n_choices[:4])
+        lmeval_loglikelihood(hflm, reqs[:w])
+        for d in args.dtypes:
+            ours[d].loglikelihood(reqs[:w])
+
+        times = {"lmeval": [], **{d: [] for d in args.dtypes}}
+        lls: dict[str, list[float]] = {}
+        slots = max(args.repeats, args.our_repeats)
+        for r in range(slots):  # ours, lm-eval, ours, lm-eval, ... (ours first: lm-eval sits between ours)
+            if r < args.our_repeats:
+                for d in (args.dtypes if r % 2 == 0 else args.dtypes[::-1]):
+                    dt, out = timed(ours[d].loglikelihood, reqs)
+                    times[d].append(dt)
+                    lls.setdefault(d, out)
+                    print(f"  ours {d}: {dt:.1f}s ({nq / dt:.2f} q/s)", flush=True)
+            if r < args.repeats:
+                dt, out = timed(lmeval_loglikelihood, hflm, reqs)
+                times["lmeval"].append(dt)
+                lls.setdefault("lmeval", out)
+                print(f"  lm-eval fp32: {dt:.1f}s ({nq / dt:.2f} q/s)  [load avg {os.getloadavg()[0]:.2f}]",
+                      flush=True)
+
+        qps = {name: nq / statistics.median(ts) for name, ts in times.items()}
+        ref = lls["lmeval"]
+        ref_pred = predictions(ref, n_choices)
+        gold = [s.data["gold"] for s in samples]
+        entry = {"questions": nq, "requests": len(reqs), "qps": qps, "runs_s": times,
+                 "acc": {"lmeval": sum(p == g for p, g in zip(ref_pred, gold)) / nq}, "dtypes": {}}
+        print(f"\n  lm-eval hf fp32 (bs={batch_size}): {qps['lmeval']:8.2f} questions/s   "
+              f"acc {entry['acc']['lmeval']:.4f}")
+        for d in args.dtypes:
+            mine = lls[d]
+            pred = predictions(mine, n_choices)
+            agree = sum(a == b for a, b in zip(pred, ref_pred))
+            agree_pct = 100 * agree / nq
+            max_dll = max(abs(a - b) for a, b in zip(mine, ref))
+            ratio = qps[d] / qps["lmeval"]
+            target = SPEED_TARGETS.get((d, k))
+            speed_ok = None if target is None else ratio >= target
+            diffs = []
+            at = 0
+            for qi, (s, m) in enumerate(zip(samples, n_choices)):
+                o, t = mine[at:at + m], ref[at:at + m]
+                at += m
+                if pred[qi] != ref_pred[qi]:
+                    a, b = pred[qi], ref_pred[qi]
+                    d_ours, d_theirs = o[a] - o[b], t[a] - t[b]   # ours' pick minus lm-eval's pick
+                    diffs.append({"id": s.id, "ours": s.data["labels"][a], "lmeval": s.data["labels"][b],
+                                  "delta_ours": d_ours, "delta_lmeval": d_theirs,
+                                  "top2_gap_ours": top2_gap(o), "top2_gap_lmeval": top2_gap(t),
+                                  "near_tie": abs(d_ours) < NEAR_TIE and abs(d_theirs) < NEAR_TIE})
+            if d == "float32":
+                quality_ok = all(x["near_tie"] for x in diffs)
+                quality = f"identical predictions except near-ties (|delta| < {NEAR_TIE:g})"
+            else:
+                quality_ok = agree_pct >= BF16_MIN_AGREEMENT
+                quality = f">= {BF16_MIN_AGREEMENT:g}% agreement"
+            ok = None if target is None else (speed_ok and quality_ok)
+            if ok is not None:
+                all_pass &= ok
+            acc = sum(p == g for p, g in zip(pred, gold)) / nq
+            print(f"  ours {d:9s}            {qps[d]:8.2f} questions/s   acc {acc:.4f}   "
+                  f"ratio vs lm-eval fp32 {ratio:6.2f}x   target "
+                  f"{'>= %gx' % target if target else 'none'}: speed {pf(speed_ok)}")
+            print(f"      agreement with lm-eval fp32: {agree}/{nq} = {agree_pct:.2f}%  "
+                  f"max |delta loglikelihood| {max_dll:.3g}  ({quality}: {pf(quality_ok)})  => {pf(ok)}")
+            for x in diffs if d == "float32" else diffs[:10]:
+                print(f"      differs: {x['id']} ours {x['ours']} lm-eval {x['lmeval']}  "
+                      f"ll(ours pick)-ll(lm-eval pick): ours {x['delta_ours']:+.3g} lm-eval {x['delta_lmeval']:+.3g}  "
+                      f"top-2 gaps ours {x['top2_gap_ours']:.3g} lm-eval {x['top2_gap_lmeval']:.3g}  "
+                      f"near-tie(<{NEAR_TIE:g}) {'yes' if x['near_tie'] else 'NO'}")
+            if d != "float32" and len(diffs) > 10:
+                print(f"      ... {len(diffs) - 10} more (all in the JSON)")
+            entry["acc"][d] = acc
+            entry["dtypes"][d] = {"qps": qps[d], "ratio_vs_lmeval_fp32": ratio, "target_ratio": target,
+                                  "speed_pass": speed_ok, "agreement_pct": agree_pct, "quality": quality,
+                                  "quality_pass": quality_ok, "pass": ok, "max_abs_delta_ll": max_dll,
+                                  "differing_predictions": diffs}
+        summary["settings"][str(k)] = entry
+
+    summary["all_pass"] = all_pass
+    print(f"\noverall: {pf(all_pass)}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {out}  (total {time.perf_counter() - t0:.0f}s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""The one training loop every recipe (pretrain, classify, instruct, DPO) runs through.
+
+    result = train(model, loss_fn, train_batches, val_batches, settings, run, tokenizer=tok,
+                   sample_fn=None, provenance=None, labels=None, count_tokens=first_numel)
+
+model          an nn.Module (models.gpt.GPT, models.llama.Llama, ...), on any device. Parameters with
+               requires_grad=True are trained; freeze the rest before calling.
+loss_fn        loss_fn(model, batch) -> scalar loss (mean over the batch). It gets the bare model,
+               never the DDP wrapper, so it may call model.hidden_states / model.logits freely: DDP
+               wraps a module whose forward *is* loss_fn, so gradients sync either way.
+train_batches  a batch source: `.per_epoch` (micro-batches per epoch, equal on every rank) and
+               `.batch(position)`, the micro-batch number `position` counting across epochs, a pure
+               function of it (data.ShuffledBatches). Checkpoints save the position, nothing else.
+val_batches    an iterable of batches, re-iterated at every eval (data.EvalBatches), or None.
+settings       TrainSettings below; `settings_from(cfg)` builds it from the Hydra config.
+run            state.check_output(...): the output folder, run id, resolved config, what to resume.
+sample_fn      sample_fn(model) -> str: a generation printed and logged at sample_every steps (rank 0,
+               eval mode).
+tokenizer, labels, provenance   saved into every checkpoint (provenance.json gains steps and losses).
+count_tokens   batch -> tokens in it, for tokens/s (default: numel of the batch's first tensor).
+
+Optimizer steps: max_steps, or epochs * per_epoch // grad_accum. Schedule: linear warmup, cosine decay
+to lr * min_lr_ratio. AdamW (fused where torch has it) with weight decay on matrices and embeddings
+only. Under torchrun (dist initialized by harness.train.__main__) the loss module runs under
+DistributedDataParallel and only rank 0 writes. SIGTERM/SIGINT finish the current step, write
+`last/` and return with result["signal"] set; a second SIGINT aborts at once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import shutil
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+import harness
+from harness.train import state as st
+from harness.train.common import (LossModule, Signals, first_numel, lr_factor, make_optimizer, rank_world, report,
+                                   to_device)
+
+log = logging.getLogger("harness.train")
+PRECISIONS = ("fp32", "bf16-mixed")
+
+
+@dataclass
+class TrainSettings:
+    epochs: float = 1
+    max_steps: int | None = None        # overrides epochs
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1           # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 0
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0              # 0: off
+    precision: str = "fp32"             # fp32 | bf16-mixed (autocast; weights and optimizer stay fp32)
+    device: str = "cpu"
+    seed: int = 123
+    eval_every: int = 100               # steps; the last step always evaluates
+    eval_batches: int | None = None     # cap per rank; None: the whole validation set
+    sample_every: int = 0               # steps; 0: only after the last step
+    checkpoint_every: int = 0           # steps; 0: only on a signal / stop_at_step
+    log_every: int = 1
+    keep_last: bool = False             # keep last/ (optimizer state) after the final checkpoint
+    stop_at_step: int | None = None     # write last/ and stop there; resume=true continues
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.grad_accum < 1 or (self.max_steps is not None and self.max_steps < 1):
+            raise ValueError("grad_accum and max_steps must be >= 1")
+
+
+def settings_from(cfg) -> TrainSettings:
+    """Top-level keys (seed, device, precision, ...) overlaid by the recipe's `train:` group."""
+    from omegaconf import OmegaConf
+    merged = {**OmegaConf.to_container(cfg, resolve=True), **OmegaConf.to_container(cfg.train, resolve=True)}
+    kw = {f.name: merged[f.name] for f in dataclasses.fields(TrainSettings) if merged.get(f.name) is not None}
+    if "betas" in kw:
+        kw["betas"] = tuple(kw["betas"])
+    return TrainSettings(**kw)
+
+
+def train(model, loss_fn, train_batches, val_batches, settings: TrainSettings, run: st.Run, *,
+          tokenizer, sample_fn=None, provenance: dict | None = None, labels=None,
+          count_tokens=first_numel) -> dict:
+    s, (rank, world) = settings, rank_world()
+    main, device, out = rank == 0, torch.device(s.device), run.out_dir
+    if train_batches.per_epoch < s.grad_accum:
+        raise ValueError(f"the training data makes {train_batches.per_epoch} batches per epoch, fewer than "
+                         f"grad_accum={s.grad_accum}; use more data or a smaller batch")
+    total = s.max_steps or max(1, int(s.epochs * train_batches.per_epoch) // s.grad_accum)
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    opt = make_optimizer(model, s, device)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, warmup=s.warmup_steps, total=total,
+                                                           min_ratio=s.min_lr_ratio))
+    # Mutable training state: everything in here goes into trainer_state.pt.
+    ts = dict(step=0, position=0, tokens=0, row_loss=0.0, row_n=0, eval_loss=0.0, eval_n=0,
+              train_loss=None, val_loss=None, elapsed_s=0.0)
+    if run.resume_from:
+        saved = st.load_state(run.resume_from, model)
+        if saved["world_size"] != world:
+            raise st.RunError(f"{run.resume_from} was written by a {saved['world_size']}-process run; "
+                              f"resume it with the same number of processes (not {world})")
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        ts.update(saved["loop"])
+        st.set_rng_state(saved["rng"][rank])
+    else:
+        torch.manual_seed(s.seed + rank)  # dropout streams differ per rank and never depend on init
+    if world > 1:
+        dist.barrier()  # every rank has checked and read the folder before rank 0 writes to it
+    if main:
+        st.start_run(run, ts["step"])
+        log.info("run %s: %d steps of %d (%.3g epochs) into %s%s", run.id, total - ts["step"], total,
+                 total * s.grad_accum / train_batches.per_epoch, out,
+                 f", resuming at step {ts['step']}" if run.resume_from else "")
+    lossmod = LossModule(model, loss_fn)
+    ddp = torch.nn.parallel.DistributedDataParallel(lossmod) if world > 1 else None
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if s.precision == "bf16-mixed"
+                else nullcontext())
+    base_prov = {"id": run.id, **(provenance or {}), "config": run.config, "seed": s.seed,
+                 "world_size": world, "harness_version": harness.__version__}
+
+    def prov(complete: bool) -> dict:
+        keys = ("step", "tokens", "train_loss", "val_loss", "elapsed_s")
+        return {**base_prov, **{("steps" if k == "step" else k): ts[k] for k in keys}, "complete": complete}
+
+    def checkpoint() -> None:
+        rngs = [st.rng_state()]
+        if world > 1:  # every rank's dropout stream, so a resumed DDP run continues each one
+            rngs = [None] * world
+            dist.all_gather_object(rngs, st.rng_state())
+        if main:
+            st.save_state(out, model, tokenizer, prov(False), {
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rngs,
+                "loop": dict(ts), "world_size": world}, labels)
+            st.plot_losses(out, run.id)
+
+    def evaluate() -> float | None:
+        model.eval()
+        total_loss = torch.zeros(2, dtype=torch.float64, device=device)
+        with torch.no_grad():
+            for k, batch in enumerate(val_batches or ()):
+                if s.eval_batches and k >= s.eval_batches:
+                    break
+                with autocast:
+                    total_loss += torch.stack([loss_fn(model, to_device(batch, device)).double().detach(),
+                                               torch.ones((), dtype=torch.float64, device=device)])
+        if world > 1:
+            dist.all_reduce(total_loss)
+        model.train()
+        return float(total_loss[0] / total_loss[1]) if total_loss[1] else None
+
+    signals = Signals()
+    bar = None
+    if main and s.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=total, initial=ts["step"], unit="step", dynamic_ncols=True, desc=run.id.split("-")[0])
+    model.train()
+    row_time, row_tokens, stopped = 0.0, 0, None   # tokens/s counts training steps only
+    try:
+        while ts["step"] < total:
+            if s.stop_at_step is not None and ts["step"] >= s.stop_at_step:
+                stopped = "stop_at_step"
+                break
+            t_step = time.perf_counter()
+            step_loss = torch.zeros((), dtype=torch.float64, device=device)
+            for micro in range(s.grad_accum):
+                batch = to_device(train_batches.batch(ts["position"]), device)
+                ts["position"] += 1
+                ts["tokens"] += count_tokens(batch) * world
+                row_tokens += count_tokens(batch) * world
+                sync = ddp is None or micro == s.grad_accum - 1
+                with ddp.no_sync() if not sync else nullcontext():
+                    with autocast:
+                        loss = (ddp or lossmod)(batch)
+                    (loss / s.grad_accum).backward()
+                step_loss += loss.detach().double() / s.grad_accum
+            if s.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
+            lr = sched.get_last_lr()[0]
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            ts["step"] += 1
+            step = ts["step"]
+            # One collective per step: the global loss and whether any rank got a signal.
+            flag = torch.stack([step_loss, torch.tensor(float(signals.received or 0), dtype=torch.float64, device=device)])
+            if world > 1:
+                dist.all_reduce(flag)
+            step_loss_v = float(flag[0]) / world
+            row_time += time.perf_counter() - t_step
+            ts["elapsed_s"] += time.perf_counter() - t_step
+            if not math.isfinite(step_loss_v):
+                raise FloatingPointError(f"loss is {step_loss_v} at step {step}; lower lr or check the data "
+                                         f"(last checkpoint: {st.last_checkpoint(out)})")
+            for k in ("row", "eval"):
+                ts[f"{k}_loss"] += step_loss_v
+                ts[f"{k}_n"] += 1
+            do_eval = step == total or (s.eval_every and step % s.eval_every == 0)
+            if do_eval or step % max(1, s.log_every) == 0:
+                row = {"step": step, "epoch": round(ts["position"] / train_batches.per_epoch, 4),
+                       "train_loss": ts["row_loss"] / ts["row_n"], "lr": lr,
+                       "tokens_per_s": round(row_tokens / max(row_time, 1e-9), 1)}
+                ts["row_loss"], ts["row_n"] = 0.0, 0
+                row_time, row_tokens = 0.0, 0
+                if do_eval:
+                    ts["train_loss"] = ts["eval_loss"] / ts["eval_n"]
+                    ts["eval_loss"], ts["eval_n"] = 0.0, 0
+                    ts["val_loss"] = row["val_loss"] = evaluate()
+                    row["train_loss_avg"] = ts["train_loss"]
+                want_sample = sample_fn and (step == total or (s.sample_every and step % s.sample_every == 0))
+                if main:
+                    if want_sample:
+                        model.eval()
+                        row["sample"] = sample_fn(model)
+                        model.train()
+                    st.append_metrics(out, {**row, "tokens_seen": ts["tokens"]})
+                    report(bar, row, do_eval, step)
+            if bar:
+                bar.update(1)
+            if flag[1] > 0 and step < total:
+                stopped = "signal"
+                signals.received = signals.received or signal.SIGTERM  # another rank got it
+                break
+            if s.checkpoint_every and step % s.checkpoint_every == 0 and step < total:
+                checkpoint()
+        if stopped or s.keep_last:
+            checkpoint()
+        if stopped and main:
+            log.info("stopped at step %d of %d (%s); checkpoint in %s; continue with resume=true",
+                     ts["step"], total, "signal" if stopped == "signal" else "stop_at_step", out / st.LAST)
+        elif main:
+            st.publish_final(out, model, tokenizer, prov(True), labels)
+            st.plot_losses(out, run.id)
+            if not s.keep_last:
+                shutil.rmtree(out / st.LAST, ignore_errors=True)
+            log.info("done: %d steps, train loss %.4f, val loss %s; checkpoint in %s", ts["step"],
+                     ts["train_loss"] or float("nan"), "n/a" if ts["val_loss"] is None else f"{ts['val_loss']:.4f}", out)
+    finally:
+        signals.restore()
+        if bar:
+            bar.close()
+    if world > 1:
+        dist.barrier()
+    return {**prov(not stopped), "stopped": stopped, "signal": signals.received if stopped == "signal" else None,
+            "out_dir": str(out)}
+
