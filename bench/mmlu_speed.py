@@ -44,8 +44,9 @@ GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SPEED_TARGETS = {("float32", 0): 1.2, ("float32", 5): 4.0, ("bfloat16", 0): 3.0, ("bfloat16", 5): 10.0}
 BF16_MIN_AGREEMENT = 98.0      # % of questions whose bf16 prediction equals lm-eval fp32's
 NEAR_TIE = 1e-4                # fp32 predictions may differ only where the top-2 gap is below this
-# lm-eval batch size: a probe of 4/8/16/32/64 on 48 questions (0- and 5-shot, both orders) on this
-# 2-core machine had 8 fastest in both settings (CPU matmuls are already large; bigger batches pad more).
+# lm-eval batch size: on this 2-core machine 8 was its fastest in both settings (4/8/16/32/64 on 48
+# questions; then, unloaded, 8/16/32 on 40 questions in both orders: 0-shot 7.6 / 6.8 / 5.7 q/s,
+# 5-shot 1.62 / 1.57 / 1.42 q/s). CPU matmuls are already large; bigger batches only pad more.
 DEFAULT_LMEVAL_BATCH = 8
 
 

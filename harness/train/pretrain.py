@@ -76,9 +76,27 @@ def build(cfg) -> tuple[torch.nn.Module, object, dict | None]:
     if config["vocab_size"] < tokenizer.vocab_size:
         raise ValueError(f"model vocab_size {config['vocab_size']} < the tokenizer's {tokenizer.vocab_size}")
     try:
-        return build_model(want_arch, config), tokenizer, None
+        model = build_model(want_arch, config)
     except TypeError as e:
         raise ValueError(f"model.overrides: {e}") from None
+    init = t.model.get("init") or "default"
+    if init not in ("default", "book"):
+        raise ValueError(f"model.init must be default (the architecture's own) or book, got {init!r}")
+    if init == "book":
+        book_init(model)
+    return model, tokenizer, None
+
+
+def book_init(model: torch.nn.Module) -> None:
+    """The book's GPTModel init (PyTorch defaults): uniform +-1/sqrt(fan_in) Linear layers and N(0, 1)
+    embeddings. Its large embeddings let a small corpus be memorised in a few epochs, which the book's
+    ch05 numbers show; GPT-2's init (std 0.02) plateaus near train loss 6 on the-verdict. Needs an
+    untied head (tie_embeddings: false): N(0, 1) weights as the vocabulary head give huge logits."""
+    if getattr(model, "head", None) is None:
+        raise ValueError("model.init=book needs model.overrides.tie_embeddings=false (the book's separate out_head)")
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+            module.reset_parameters()
 
 
 def make_sampler(tokenizer, prompt: str, max_new_tokens: int):
