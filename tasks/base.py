@@ -67,13 +67,5 @@ def text_hash(*parts: str) -> str:
     return h.hexdigest()[:16]
 
 
-def file_hash(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class TaskError(ValueError):
     """Bad task input (missing data file, malformed row). The CLI prints it as one line and exits 2."""

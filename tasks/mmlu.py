@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Sequence
 
 from models.lm import LM
-from tasks.base import Metric, Record, Sample, TaskError, file_hash, text_hash
+from models.download import sha256_file
+from tasks.base import Metric, Record, Sample, TaskError, text_hash
 from tasks.data import mmlu_dir, mmlu_subjects
 from tasks.multiple_choice import Item, choice_sample, mean_metric, score_choices
 
@@ -69,7 +70,7 @@ class MMLUTask:
         if self.num_fewshot:
             files += [self.file(s, "dev") for s in self.subjects]
         self.version = text_hash(TEMPLATE_VERSION, split, str(self.num_fewshot),
-                                 *(f"{p.name}:{file_hash(str(p))}" for p in files))
+                                 *(f"{p.name}:{sha256_file(p)}" for p in files))
 
     def file(self, subject: str, split: str) -> Path:
         return self.root / split / f"{subject}_{split}.csv"

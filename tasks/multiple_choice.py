@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from models.lm import LM
-from tasks.base import Metric, Record, Sample, TaskError, file_hash, text_hash
+from models.download import sha256_file
+from tasks.base import Metric, Record, Sample, TaskError, text_hash
 from tasks.data import local_path
 
 TEMPLATE_VERSION = "multiple_choice/v1"
@@ -180,9 +181,9 @@ class MultipleChoiceTask:
         self.fewshot_path = local_path(fewshot_path) if fewshot_path else None
         if self.num_fewshot and self.fewshot_path is None:
             raise TaskError(f"{name}: num_fewshot={self.num_fewshot} needs a fewshot_path")
-        data_hashes = [file_hash(str(self.path))]
+        data_hashes = [sha256_file(self.path)]
         if self.num_fewshot:
-            data_hashes.append(file_hash(str(self.fewshot_path)))
+            data_hashes.append(sha256_file(self.fewshot_path))
         self.version = text_hash(TEMPLATE_VERSION, template, description, str(self.num_fewshot),
                                  json.dumps(self.fields, sort_keys=True), *data_hashes)
 

@@ -18,7 +18,8 @@ import re
 from pathlib import Path
 
 from models.lm import LM
-from tasks.base import Metric, Record, Sample, TaskError, file_hash, text_hash
+from models.download import sha256_file
+from tasks.base import Metric, Record, Sample, TaskError, text_hash
 from tasks.data import local_path, wikitext2_raw
 
 TEMPLATE_VERSION = "perplexity/v1 wikitext=lm-eval-2.0"
@@ -91,7 +92,7 @@ class PerplexityTask:
         if stride is not None and max_length is not None and not 0 < stride <= max_length:
             raise TaskError(f"stride must be in 1..max_length, got stride={stride}, max_length={max_length}")
         self.max_length, self.stride, self.limit = max_length, stride, limit
-        self.version = text_hash(TEMPLATE_VERSION, str(self.dataset), file_hash(str(self.file)),
+        self.version = text_hash(TEMPLATE_VERSION, str(self.dataset), sha256_file(self.file),
                                  f"max_length={max_length}", f"stride={stride}")
 
     def documents(self) -> list[tuple[str, str]]:

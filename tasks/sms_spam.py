@@ -26,7 +26,8 @@ from typing import Sequence
 import numpy as np
 
 from models.lm import LM
-from tasks.base import Metric, Record, Sample, TaskError, file_hash, text_hash
+from models.download import sha256_file
+from tasks.base import Metric, Record, Sample, TaskError, text_hash
 from tasks.data import local_path, sms_spam_file
 
 LABELS = ("ham", "spam")          # class order of every classifier head this project trains
@@ -100,7 +101,7 @@ def spam_split(seed: int = 123, dedupe: bool = True, balance: bool = True,
     rows = [rows[i] for i in rng.permutation(len(rows)).tolist()]
     n_train, n_val = int(fractions[0] * len(rows)), int(fractions[1] * len(rows))
     signature = (f"{SPLIT_VERSION} seed={seed} dedupe={bool(dedupe)} balance={bool(balance)} "
-                 f"fractions={','.join(f'{f:g}' for f in fractions)} sha256={file_hash(str(file))}")
+                 f"fractions={','.join(f'{f:g}' for f in fractions)} sha256={sha256_file(file)}")
     return SpamSplit(rows[:n_train], rows[n_train:n_train + n_val], rows[n_train + n_val:], signature)
 
 
