@@ -68,3 +68,97 @@ def test_unknown_column_raises_and_writes_nothing(tmp_path):
         append_rows(path, [dict(_row(0, 1, 0), bogus=1)])
     assert path.read_bytes() == before
     assert len(read_leaderboard(path)) == 1
+
+
+# --- one row per call from 8 processes, and the old-header migration racing with them ---------
+
+APPENDS = 100
+OLD_COLUMNS = COLUMNS[:COLUMNS.index("judge_digest") + 1]   # the header before split/parent/...
+
+
+def _one_row_worker(path: str, proc: int, barrier) -> None:
+    barrier.wait()
+    for i in range(APPENDS):
+        append_rows(path, [dict(_row(proc, i, 0), run_id=f"p{proc}-i{i}", split="test",
+                                parent=f"parent-{proc}", trained_on="sms_spam/train")])
+
+
+def _race(path: str) -> None:
+    ctx = mp.get_context("fork")
+    barrier = ctx.Barrier(PROCS)
+    procs = [ctx.Process(target=_one_row_worker, args=(path, i, barrier)) for i in range(PROCS)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+
+
+def _old_file(path, rows: int) -> list[list[str]]:
+    old = [[f"2025-01-0{k + 1}T00:00:00+00:00", f"old-{k}", "m", "sha", "line one\nline two", "t", "v",
+            "0", "acc", "0.5", "", "10", "0", "1", "float32", "cpu", "8", "0.0.1", "1.0", "", ""]
+           for k in range(rows)]
+    with open(path, "w", newline="") as f:
+        csv.writer(f, lineterminator="\n").writerows([OLD_COLUMNS, *old])
+    return old
+
+
+def _check_race(path: str, old: list[list[str]]) -> None:
+    with open(path, newline="") as f:
+        text = f.read()
+    assert text.endswith("\n")
+    rows = list(csv.reader(text.splitlines(keepends=True)))
+    assert rows[0] == COLUMNS and sum(r == COLUMNS for r in rows) == 1
+    assert all(len(r) == len(COLUMNS) for r in rows)          # no torn or glued lines
+    df = read_leaderboard(path)
+    assert len(df) == len(old) + PROCS * APPENDS
+    new = df[df.run_id.str.startswith("p")]
+    assert sorted(new.run_id) == sorted(f"p{p}-i{i}" for p in range(PROCS) for i in range(APPENDS))
+    assert (new.parent == [f"parent-{r.split('-')[0][1:]}" for r in new.run_id]).all()
+    assert new.split.eq("test").all() and new.trained_on.eq("sms_spam/train").all()
+    for p in range(PROCS):   # each process's rows keep their order
+        mine = list(new[new.parent == f"parent-{p}"].run_id)
+        assert mine == [f"p{p}-i{i}" for i in range(APPENDS)]
+    assert rows[1:1 + len(old)] == [r + [""] * (len(COLUMNS) - len(r)) for r in old]   # migrated first, intact
+
+
+def test_800_single_row_appends(tmp_path):
+    path = str(tmp_path / "lb.csv")
+    _race(path)
+    _check_race(path, [])
+
+
+def test_header_migration_races_with_appends(tmp_path):
+    path = tmp_path / "lb.csv"
+    old = _old_file(path, 3)
+    _race(str(path))
+    _check_race(str(path), old)
+
+
+def test_migration_is_atomic_and_keeps_old_rows(tmp_path):
+    path = tmp_path / "lb.csv"
+    old = _old_file(path, 2)
+    inode = path.stat().st_ino
+    df_before = read_leaderboard(path)                 # an old file reads with the new columns, empty
+    assert list(df_before.columns) == COLUMNS and (df_before.parent == "").all()
+    append_rows(path, [dict(_row(0, 0, 0), parent="base", contamination="none")])
+    assert path.stat().st_ino != inode                # replaced by rename, not rewritten in place
+    assert (tmp_path / "lb.csv.lock").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lb.csv", "lb.csv.lock"]   # no temp file left
+    df = read_leaderboard(path)
+    assert list(df.run_id) == ["old-0", "old-1", "p0-c0"]
+    assert df.provenance.iloc[0] == "line one\nline two"
+    assert list(df.parent) == ["", "", "base"] and list(df.contamination) == ["", "", "none"]
+    append_rows(path, [_row(1, 0, 0)])                 # now a current file: plain append
+    assert len(read_leaderboard(path)) == 3 + 1 and len(old) == 2
+
+
+def test_migration_refuses_a_row_wider_than_its_header(tmp_path):
+    path = tmp_path / "lb.csv"
+    _old_file(path, 1)
+    with open(path, "a") as f:
+        f.write(",".join(["x"] * (len(OLD_COLUMNS) + 1)) + "\n")
+    before = path.read_bytes()
+    with pytest.raises(LeaderboardError, match="record 3 has 22 cells"):
+        append_rows(path, [_row(0, 0, 0)])
+    assert path.read_bytes() == before

@@ -1,0 +1,62 @@
+"""A parallel Hydra sweep (joblib launcher): two tiny models x one small task, two jobs at once,
+every job appends its rows; then the sweep's leaderboard renders and its two runs compare."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+ENV = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+for var, sub in (("HARNESS_DATA", "data"), ("HARNESS_MODELS", "models")):
+    if (SHARED / sub).is_dir():
+        ENV.setdefault(var, str(SHARED / sub))
+
+
+def python_m(*args):
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=300, stdin=subprocess.DEVNULL)
+
+
+def test_joblib_sweep_appends_every_job(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    board, sweep = tmp_path / "lb.csv", tmp_path / "sweep"
+    p = python_m("harness", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "task=sms_spam",
+                 "model=gpt-tiny,llama-tiny", "task.limit=6", f"leaderboard={board}", f"hydra.sweep.dir={sweep}")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "Joblib.Parallel(n_jobs=2" in p.stdout + p.stderr       # really the joblib launcher
+    df = pd.read_csv(board)
+    assert sorted(df.model.unique()) == ["gpt-tiny", "llama-tiny"]
+    assert df.run_id.nunique() == 2
+    per_job = df.groupby("model").metric.apply(sorted)
+    assert per_job["gpt-tiny"] == per_job["llama-tiny"] and "acc" in per_job["gpt-tiny"]
+    assert df[df.metric == "acc"].n.tolist() == [6, 6]
+    jobs = sorted(sweep.glob("*_sms_spam_*"))
+    assert [j.name for j in jobs] == ["0_sms_spam_gpt-tiny", "1_sms_spam_llama-tiny"]
+    for job in jobs:
+        assert len((job / "records.jsonl").read_text().splitlines()) == 6
+
+    p = python_m("harness.leaderboard", f"leaderboard={board}", f"out_dir={tmp_path / 'out'}", "metrics=[acc,f1]")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines()[0] == "| model | sms_spam/acc | sms_spam/f1 |"
+    rows = sorted(line.split(" | ")[0] for line in p.stdout.splitlines()[2:4])   # in order of appending
+    assert rows == ["| gpt-tiny", "| llama-tiny"]
+
+    p = python_m("harness.compare", f"a={jobs[0]}", f"b={jobs[1]}", "n_resamples=1000")
+    assert p.returncode == 0, p.stderr
+    assert "paired      6 samples" in p.stdout and "(exact McNemar, two-sided)" in p.stdout
+
+
+def test_joblib_sweep_with_a_failing_job_exits_2(tmp_path):
+    """A job that fails inside a joblib worker still makes the whole sweep exit non-zero."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    board = tmp_path / "lb.csv"
+    p = python_m("harness", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "task=sms_spam",
+                 "model=gpt-tiny", f"task.path={tmp_path / 'missing.tsv'},null", "task.limit=4",
+                 f"leaderboard={board}", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "error:" in p.stderr
+    assert len(pd.read_csv(board).run_id.unique()) == 1      # the good job still appended its rows
