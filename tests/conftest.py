@@ -39,3 +39,53 @@ def smollm2_reference(smollm2_path):
     model = transformers.AutoModelForCausalLM.from_pretrained(
         str(smollm2_path.parent), gguf_file=smollm2_path.name, dtype=torch.float32)
     return model.eval()
+
+
+# ----------------------------------------------------------------------------- Ollama-compatible server
+
+@pytest.fixture(scope="session")
+def ollama_server(smollm2_path, tmp_path_factory):
+    """`python -m harness.serve model=smollm2-135m-instruct host=127.0.0.1 port=0` in a subprocess,
+    for the session. Yields an object with `.url` ("http://127.0.0.1:<port>") and `.model` (the
+    served name); `.log` is the server's stderr (request log). Terminated at the end."""
+    import queue
+    import re
+    import subprocess
+    import sys
+    import threading
+    from types import SimpleNamespace
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, HARNESS_MODELS=str(models_dir()), HARNESS_DATA=str(data_dir()),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    log = tmp_path_factory.mktemp("ollama_server") / "stderr.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "harness.serve", "model=smollm2-135m-instruct", "host=127.0.0.1", "port=0"],
+            cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, text=True)
+    lines: queue.Queue = queue.Queue()
+
+    def drain():   # keep reading stdout so the server never blocks on a full pipe
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=drain, daemon=True).start()
+    try:
+        while True:
+            line = lines.get(timeout=120)
+            if line is None:
+                pytest.fail(f"harness.serve exited with {proc.wait()}:\n{log.read_text()[-3000:]}")
+            m = re.match(r"serving (\S+) on (http://127\.0\.0\.1:\d+)", line)
+            if m:
+                break
+    except queue.Empty:
+        proc.kill()
+        pytest.fail(f"harness.serve did not start within 120 s:\n{log.read_text()[-3000:]}")
+    yield SimpleNamespace(url=m.group(2), model=m.group(1), log=log, process=proc)
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -1,0 +1,267 @@
+"""The Ollama REST API as data: request bodies -> validated `Job`s, the served model's metadata
+(`ModelCard`: /api/tags, /api/show, /api/ps) and the response objects. No HTTP and no torch here;
+`harness.serve` does the I/O and the generation.
+
+What a request may carry (everything else is accepted and ignored, as Ollama does):
+  /api/chat      model, messages [{role, content, images}], stream (default true), options
+  /api/generate  model, prompt, system, raw, stream, options   (suffix, template, context ignored)
+  both           tools, keep_alive, format, think: accepted and ignored; non-empty images: 400
+  options        temperature 0.8, top_k 40, top_p 0.9, seed (random when absent or < 0),
+                 num_predict -1 (until EOS or the context is full), stop [], num_ctx
+Chat prompts come from the tokenizer's chat template; a model without one gets plain lines
+"role: content" and a final "assistant:" to continue from. /api/generate without `raw` wraps the
+prompt (and `system`) in the chat template as one user turn; without a template it is sent as is,
+after the system text when one is given.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable
+
+DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P = 0.8, 40, 0.9   # Ollama's defaults
+GREEDY_BELOW = 1e-5   # a smaller temperature is greedy decoding (vLLM's threshold)
+
+
+class ApiError(Exception):
+    """An error answered as {"error": message} with an HTTP status."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def now_rfc3339() -> str:
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+# ----------------------------------------------------------------------------- requests
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = DEFAULT_TEMPERATURE
+    top_k: int = DEFAULT_TOP_K
+    top_p: float = DEFAULT_TOP_P
+    seed: int | None = None
+    num_predict: int = -1          # < 0: until EOS or the context is full
+    stop: tuple[str, ...] = ()
+    num_ctx: int | None = None     # None: the server's default
+
+
+@dataclass(frozen=True)
+class Job:
+    endpoint: str                  # "chat" | "generate"
+    model: str                     # as the client spelled it (echoed back, like Ollama)
+    prompt: str | None             # the text the model continues; None: empty request ("load")
+    stream: bool
+    sampling: Sampling = field(default_factory=Sampling)
+
+
+def parse_json(raw: bytes) -> dict:
+    if not raw.strip():
+        raise ApiError(400, "missing request body")
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ApiError(400, f"invalid JSON body: {e}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, f"request body must be a JSON object, got {_json_type(body)}")
+    return body
+
+
+def _json_type(v: Any) -> str:
+    names = {bool: "boolean", int: "number", float: "number", str: "string", list: "array", dict: "object"}
+    return "null" if v is None else names.get(type(v), type(v).__name__)
+
+
+def _get(obj: dict, key: str, kinds: tuple[type, ...], default: Any = None, where: str = "") -> Any:
+    """obj[key] checked against JSON kinds (null = absent); 400 naming the field otherwise."""
+    v = obj.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) and bool not in kinds or not isinstance(v, kinds):
+        want = " or ".join(dict.fromkeys(_json_type(k()) for k in kinds))
+        raise ApiError(400, f"invalid {where}{key}: expected {want}, got {_json_type(v)}")
+    return v
+
+
+def parse_sampling(options: Any) -> Sampling:
+    if options is None:
+        return Sampling()
+    if not isinstance(options, dict):
+        raise ApiError(400, f"invalid options: expected object, got {_json_type(options)}")
+    num = (int, float)
+    temperature = float(_get(options, "temperature", num, DEFAULT_TEMPERATURE, "options."))
+    top_p = float(_get(options, "top_p", num, DEFAULT_TOP_P, "options."))
+    seed = _get(options, "seed", (int,), None, "options.")
+    num_ctx = _get(options, "num_ctx", (int,), None, "options.")
+    stop = _get(options, "stop", (list, str), [], "options.")
+    stop = [stop] if isinstance(stop, str) else stop
+    if not all(isinstance(s, str) for s in stop):
+        raise ApiError(400, "invalid options.stop: expected an array of strings")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ApiError(400, f"invalid options.temperature {temperature}: must be >= 0")
+    if not math.isfinite(top_p):
+        raise ApiError(400, f"invalid options.top_p {top_p}: must be a number in (0, 1]")
+    if num_ctx is not None and num_ctx <= 0:
+        raise ApiError(400, f"invalid options.num_ctx {num_ctx}: must be > 0")
+    if top_p <= 0 or temperature < GREEDY_BELOW:   # top_p 0 keeps only the most likely token (llama.cpp);
+        temperature = 0.0                           # dividing logits by a tiny temperature overflows
+    return Sampling(temperature=temperature, top_k=_get(options, "top_k", (int,), DEFAULT_TOP_K, "options."),
+                    top_p=top_p, seed=seed if seed is None or seed >= 0 else None,
+                    num_predict=_get(options, "num_predict", (int,), -1, "options."),
+                    stop=tuple(s for s in stop if s), num_ctx=num_ctx)
+
+
+def _common(body: dict, card: ModelCard) -> tuple[str, bool, Sampling]:
+    model = _get(body, "model", (str,), "")
+    if not model:
+        raise ApiError(400, "model is required")
+    if not card.matches(model):
+        raise ApiError(404, f"model '{model}' not found")
+    # keep_alive, format, think and tools are accepted and ignored: one model stays loaded, text only
+    return model, _get(body, "stream", (bool,), True), parse_sampling(body.get("options"))
+
+
+def _reject_images(images: Any, model: str, where: str = "") -> None:
+    if images is not None and not isinstance(images, list):
+        raise ApiError(400, f"invalid {where}images: expected array, got {_json_type(images)}")
+    if images:
+        raise ApiError(400, f"model '{model}' does not support images (it has no vision input); "
+                            "send text only")
+
+
+def parse_generate(body: dict, card: ModelCard, template: ChatTemplate) -> Job:
+    model, stream, sampling = _common(body, card)
+    prompt = _get(body, "prompt", (str,), "")
+    system = _get(body, "system", (str,), "")
+    raw = _get(body, "raw", (bool,), False)
+    _get(body, "suffix", (str,))                                  # type-checked, then ignored
+    _reject_images(body.get("images"), model)
+    if not prompt:
+        return Job("generate", model, None, stream, sampling)
+    if not raw:
+        prompt = template.generate(prompt, system)
+    return Job("generate", model, prompt, stream, sampling)
+
+
+def parse_chat(body: dict, card: ModelCard, template: ChatTemplate) -> Job:
+    model, stream, sampling = _common(body, card)
+    messages = _get(body, "messages", (list,), [])
+    clean = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]."
+        if not isinstance(m, dict):
+            raise ApiError(400, f"invalid messages[{i}]: expected object, got {_json_type(m)}")
+        role = _get(m, "role", (str,), "", where)
+        if not role:
+            raise ApiError(400, f"invalid {where}role: a role (system, user, assistant, tool) is required")
+        _reject_images(m.get("images"), model, where)
+        clean.append({"role": role, "content": _get(m, "content", (str,), "", where)})
+    if not clean:
+        return Job("chat", model, None, stream, sampling)
+    return Job("chat", model, template.chat(clean), stream, sampling)
+
+
+@dataclass
+class ChatTemplate:
+    """Renders prompts with the tokenizer's chat template (None: the documented plain fallback)."""
+    render: Callable[[list[dict]], str] | None
+
+    def chat(self, messages: list[dict]) -> str:
+        if self.render is None:
+            return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        try:
+            return self.render(messages)
+        except Exception as e:   # the template's own raise_exception (e.g. roles out of order)
+            raise ApiError(400, f"cannot apply the chat template: {e}") from None
+
+    def generate(self, prompt: str, system: str) -> str:
+        if self.render is None:
+            return f"{system}\n\n{prompt}" if system else prompt
+        return self.chat(([{"role": "system", "content": system}] if system else [])
+                         + [{"role": "user", "content": prompt}])
+
+
+# ----------------------------------------------------------------------------- the served model
+
+@dataclass
+class ModelCard:
+    """What the API says about the one served model (built by harness.serve.describe_model)."""
+    name: str                      # "x" is served as "x:latest" and answers to both
+    digest: str                    # sha256 hex of the weights file(s): stable per weights
+    size: int                      # bytes of the weights on disk
+    modified_at: str
+    details: dict
+    model_info: dict
+    template: str
+    parameters: str
+    context_length: int
+    size_vram: int = 0
+    expires_at: str = field(default_factory=lambda: (datetime.now(timezone.utc) + timedelta(days=36500))
+                            .isoformat().replace("+00:00", "Z"))   # never unloaded
+
+    @property
+    def tag(self) -> str:
+        return self.name if ":" in self.name else f"{self.name}:latest"
+
+    def matches(self, requested: str) -> bool:
+        """Ollama's naming: "x" means "x:latest"; case does not matter."""
+        requested = requested if ":" in requested else f"{requested}:latest"
+        return requested.lower() == self.tag.lower()
+
+    def tags(self) -> dict:
+        return {"models": [{"name": self.tag, "model": self.tag, "modified_at": self.modified_at,
+                            "size": self.size, "digest": self.digest, "details": self.details}]}
+
+    def show(self) -> dict:
+        source = self.model_info.get("harness.source", self.name)
+        return {"modelfile": f"# served by harness.serve\nFROM {source}\n",
+                "parameters": self.parameters, "template": self.template, "details": self.details,
+                "model_info": self.model_info, "modified_at": self.modified_at, "capabilities": ["completion"]}
+
+    def ps(self) -> dict:
+        return {"models": [{"name": self.tag, "model": self.tag, "size": self.size, "digest": self.digest,
+                            "details": self.details, "expires_at": self.expires_at,
+                            "size_vram": self.size_vram, "context_length": self.context_length}]}
+
+
+# ----------------------------------------------------------------------------- responses
+
+@dataclass
+class Outcome:
+    """One finished generation; durations in nanoseconds, as Ollama reports them."""
+    text: str
+    done_reason: str               # "stop" (EOS or a stop string) | "length"
+    prompt_eval_count: int
+    eval_count: int
+    load_duration: int             # waiting for the model (other requests hold it)
+    prompt_eval_duration: int      # prefill and the first token
+    eval_duration: int             # every later token
+    total_duration: int = 0
+
+
+def chunk(job: Job, text: str, done: bool = False) -> dict:
+    out = {"model": job.model, "created_at": now_rfc3339()}
+    if job.endpoint == "chat":
+        out["message"] = {"role": "assistant", "content": text}
+    else:
+        out["response"] = text
+    out["done"] = done
+    return out
+
+
+def final(job: Job, outcome: Outcome, text: str) -> dict:
+    """The last stream line (text "") or the whole non-streamed answer (text = all of it)."""
+    return {**chunk(job, text, done=True), "done_reason": outcome.done_reason,
+            "total_duration": outcome.total_duration, "load_duration": outcome.load_duration,
+            "prompt_eval_count": outcome.prompt_eval_count,
+            "prompt_eval_duration": outcome.prompt_eval_duration,
+            "eval_count": outcome.eval_count, "eval_duration": outcome.eval_duration}
+
+
+def loaded(job: Job) -> dict:
+    """Ollama's answer to a request with nothing to generate: the model is (already) loaded."""
+    return {**chunk(job, "", done=True), "done_reason": "load"}

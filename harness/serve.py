@@ -1,0 +1,135 @@
+"""python -m harness.serve model=<registry name|checkpoint folder|.gguf> [host=127.0.0.1] [port=11434]
+                         [name=<served name>] [dtype=float32|bfloat16] [num_ctx=4096]
+
+Serves one checkpoint over the Ollama REST API, so the `ollama` client (and the LLM judge) can use
+the project's own models:
+
+    GET /, HEAD /      "Ollama is running"
+    POST /api/chat     POST /api/generate     (stream: NDJSON lines, or one object with stream false)
+    GET /api/tags      POST /api/show     GET /api/ps     GET /api/version
+
+The model answers to its served name (default: the registry name, or the folder / file stem) and to
+"<name>:latest". Requests are parsed by `harness.ollama_api` (defaults, ignored fields and the chat
+template fallback are documented there), answered by `harness.ollama_http` and generated one at a
+time by `harness.serve_engine`.
+Once listening, one line `serving <name> on http://HOST:PORT` goes to stdout (port=0 picks a free
+port); request logs go to stderr through `logging`. The API has no authentication: any host other
+than a loopback address logs a warning. SIGTERM/SIGINT stop accepting, let requests in flight
+finish (up to shutdown_grace_s seconds) and exit 0; a second signal exits at once.
+
+Bad input (unknown model, missing or unreadable weights, a classifier checkpoint, a port in use)
+prints one `error:` line on stderr and exits with status 2.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from harness.ollama_http import OllamaServer
+
+log = logging.getLogger("harness.serve")
+_exit = [0]
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:   # a host name: only "localhost" is known to stay on this machine
+        return False
+
+
+def served_name(cfg: DictConfig) -> str:
+    from models.registry import MODELS
+    if cfg.name:
+        return str(cfg.name)
+    source = str(cfg.model.name)
+    path = Path(source).expanduser()
+    return source if source in MODELS else path.stem if path.is_file() else path.name
+
+
+def start(cfg: DictConfig) -> OllamaServer:
+    """Load the model and bind the socket; user errors raise (ValueError, OSError, ...)."""
+    from harness.evaluate import _instantiate
+    from harness.serve_engine import Engine, describe_model
+    try:
+        port = int(cfg.port)
+    except (TypeError, ValueError):
+        raise ValueError(f"port must be an integer from 0 to 65535, got {cfg.port!r}") from None
+    if not 0 <= port <= 65535 or int(cfg.num_ctx) <= 0:
+        raise ValueError(f"port must be in 0..65535 (got {port}) and num_ctx > 0 (got {cfg.num_ctx})")
+    name = served_name(cfg)
+    if not name or any(c.isspace() for c in name):
+        raise ValueError(f"served name {name!r} must be non-empty without spaces; set name=...")
+    host = str(cfg.host)
+    try:
+        server = OllamaServer((host, port))
+    except OSError as e:
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}; choose another port= "
+                      "(port=0 picks a free one)") from None
+    lm = _instantiate(cfg.model, "model")   # unwraps Hydra's InstantiationException
+    lm._require_vocabulary_head()   # a classifier checkpoint cannot generate text
+    card = describe_model(lm, str(cfg.model.name), name, int(cfg.num_ctx))
+    server.serve_model(Engine(lm, int(cfg.num_ctx)), card)
+    if not is_loopback(host):
+        log.warning("listening on %s: the API has no authentication; anyone who can reach this "
+                    "address can use the model", host)
+    return server
+
+
+def serve_until_signal(server: OllamaServer, grace_s: float) -> None:
+    stopping = threading.Event()
+
+    def on_signal(signum, _frame):
+        if stopping.is_set():
+            raise SystemExit(128 + signum)   # a second signal: leave now
+        stopping.set()
+        log.info("%s: shutting down", signal.Signals(signum).name)
+        threading.Thread(target=server.shutdown, daemon=True).start()   # not from serve_forever's thread
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    server.serve_forever(poll_interval=0.2)
+    if not server.drain(grace_s):
+        log.warning("requests still running after %.0fs; exiting anyway", grace_s)
+    server.server_close()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="serve")
+def main(cfg: DictConfig) -> None:
+    from harness.evaluate import _user_errors
+    logging.basicConfig(level=str(cfg.log_level).upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        server = start(cfg)
+    except KeyboardInterrupt:
+        print("error: interrupted while loading the model", file=sys.stderr, flush=True)
+        _exit[0] = 130
+        return
+    except (*_user_errors(), OSError) as e:
+        msg = " ".join(str(e).split()) or type(e).__name__
+        if type(e).__name__ == "MissingMandatoryValue":
+            msg = f"missing value for {e.full_key}"
+        log.debug("bad input", exc_info=True)
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+        _exit[0] = 2
+        return
+    print(f"serving {server.card.name} on {server.url}", flush=True)
+    serve_until_signal(server, float(cfg.shutdown_grace_s))
+
+
+if __name__ == "__main__":
+    from harness.evaluate import UsageError, rewrite_argv
+    try:  # model=<path> -> model=checkpoint model.name=<path>, exactly as the eval CLI does
+        sys.argv[1:] = rewrite_argv(sys.argv[1:])
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    main()
+    sys.exit(_exit[0])

@@ -1,0 +1,206 @@
+"""The torch side of `harness.serve`: one loaded TorchLM, generation serialized by a lock, streamed
+as text deltas through `generate_tokens`' per-token callback; and the served model's metadata.
+
+    engine = Engine(lm, default_num_ctx=4096)
+    outcome = engine.run(job, on_delta=lambda text: True)   # False from on_delta aborts (client gone)
+
+A request's text equals `TorchLM.generate` on the same prompt and options: same encoding, same
+sampler, same stop-string cut.
+"""
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from harness.ollama_api import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, Job, ModelCard, Outcome
+from models.generate import generate_tokens
+from models.llama import LlamaConfig
+
+
+class StreamDecoder:
+    """Incremental detokenization. Each step decodes the whole token list and hands out only text
+    that can no longer change: never a trailing incomplete UTF-8 character (decoded as "\\ufffd")
+    nor a tail that could be the start of a stop string. So the deltas concatenate to exactly the
+    final text, which is cut before the first stop string (as TorchLM.generate cuts it)."""
+
+    def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str] = ()):
+        self.decode, self.stop = decode, [s for s in stop if s]
+        self.sent = 0             # characters handed out so far
+        self.stopped = False      # a stop string appeared: generation must end
+
+    def _cut(self, text: str) -> str:
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self.stopped = True
+            return text[:min(hits)]
+        return text
+
+    def _settled_end(self, text: str) -> int:
+        base = end = len(text.rstrip("\ufffd"))
+        for s in self.stop:   # hold the longest tail of text[:base] that is a proper prefix of s
+            k = next((k for k in range(min(len(s) - 1, base), 0, -1) if text.endswith(s[:k], 0, base)), 0)
+            end = min(end, base - k)
+        return end
+
+    def push(self, tokens: list[int]) -> str:
+        text = self._cut(self.decode(tokens))
+        end = len(text) if self.stopped else self._settled_end(text)
+        delta = text[self.sent:end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        return delta
+
+    def finish(self, tokens: list[int]) -> tuple[str, str]:
+        """(the whole final text, the part not handed out yet)."""
+        text = self._cut(self.decode(tokens))
+        return text, text[self.sent:]
+
+
+class Engine:
+    """The one served model. Requests take turns (a lock): the weights are shared and a CPU is
+    saturated by one decode anyway, so batching would add complexity for little."""
+
+    def __init__(self, lm, default_num_ctx: int = 4096):
+        self.lm = lm
+        self.lock = threading.Lock()
+        self.default_num_ctx = default_num_ctx
+
+    def prompt_ids(self, job: Job) -> tuple[list[int], int]:
+        """(prompt token ids cut from the left to fit, the number of tokens that may follow)."""
+        s = job.sampling
+        ctx = max(2, min(s.num_ctx or self.default_num_ctx, self.lm.max_length))
+        # keep room for the requested tokens (at most half the context) and at least one
+        reserve = min(max(s.num_predict, 1), ctx // 2)
+        ids = self.lm._encode(job.prompt)[-(ctx - reserve):] or [self.lm.prefix_token]
+        room = ctx - len(ids)
+        return ids, room if s.num_predict < 0 else min(s.num_predict, room)
+
+    def run(self, job: Job, on_delta: Callable[[str], bool]) -> Outcome | None:
+        """Generate for `job`, calling on_delta(text) with each settled piece of text. Returns the
+        outcome, or None when on_delta returned False (the client went away)."""
+        s = job.sampling
+        decoder = StreamDecoder(self.lm.tokenizer.decode, s.stop)
+        aborted, first_token_at = False, []
+
+        def step(_row: int, tokens: list[int]) -> bool:
+            nonlocal aborted
+            if not first_token_at:
+                first_token_at.append(time.perf_counter_ns())
+            delta = decoder.push(tokens)
+            if delta and not on_delta(delta):
+                aborted = True
+            return aborted or decoder.stopped
+
+        t_wait = time.perf_counter_ns()
+        with self.lock:   # tokenizing inside too: one thread at a time touches the tokenizer
+            t_start = time.perf_counter_ns()
+            ids, max_new = self.prompt_ids(job)
+            tokens: list[int] = []
+            if max_new > 0:
+                generator = None
+                if s.seed is not None:
+                    generator = torch.Generator(device=self.lm.device).manual_seed(s.seed)
+                tokens = generate_tokens(self.lm.model, [ids], max_new_tokens=max_new,
+                                         eos_ids=self.lm._stop_ids(), temperature=s.temperature,
+                                         top_k=s.top_k, top_p=s.top_p, generator=generator,
+                                         should_stop=step)[0]
+            t_end = time.perf_counter_ns()
+            text, rest = decoder.finish(tokens)
+        if aborted:
+            return None
+        if rest and not on_delta(rest):
+            return None
+        hit_eos = not decoder.stopped and len(tokens) < max_new
+        t_first = first_token_at[0] if first_token_at else t_end
+        return Outcome(text=text, done_reason="stop" if decoder.stopped or hit_eos else "length",
+                       prompt_eval_count=len(ids), eval_count=len(tokens) + int(hit_eos),
+                       load_duration=t_start - t_wait, prompt_eval_duration=t_first - t_start,
+                       eval_duration=t_end - t_first)
+
+
+# ----------------------------------------------------------------------------- metadata
+
+def weights_files(source: str) -> list[Path]:
+    """The files holding a model's weights ([] for the registry's random-init test models)."""
+    from models.registry import MODELS, fetch
+    if source in MODELS:
+        if MODELS[source].kind == "init":
+            return []
+        path = fetch(source)
+    else:
+        path = Path(source).expanduser()
+    return [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+
+
+def weights_digest(files: list[Path], fallback: str) -> str:
+    """sha256 hex of the weights file; of the files' digests, in order, for sharded folders."""
+    from models.download import sha256_file
+    if not files:
+        return hashlib.sha256(fallback.encode()).hexdigest()
+    digests = [sha256_file(f) for f in files]
+    return digests[0] if len(digests) == 1 else hashlib.sha256("".join(digests).encode()).hexdigest()
+
+
+def parameter_count(model) -> int:
+    unique = {p.data_ptr(): p.numel() for p in model.parameters()}
+    n = sum(unique.values())
+    if getattr(model.config, "tie_embeddings", False) and model.head is not None:
+        n -= model.head.weight.numel()   # the fp32 inference layout's copy of the tied embedding
+    return n
+
+
+def _human(n: int) -> str:
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _gguf_quantization(path: Path) -> str | None:
+    import gguf
+
+    from models.checkpoint import gguf_field, open_gguf
+    file_type = gguf_field(open_gguf(path), "general.file_type")
+    try:
+        return gguf.LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_")
+    except (TypeError, ValueError):
+        return None
+
+
+def describe_model(lm, source: str, name: str, num_ctx: int) -> ModelCard:
+    """The served model's metadata for /api/tags, /api/show and /api/ps."""
+    cfg, model = lm.model.config, lm.model
+    files = weights_files(source)
+    arch = "llama" if isinstance(cfg, LlamaConfig) else "gpt2"
+    dtype = str(lm.info.get("dtype", "float32"))
+    fmt = "gguf" if files and files[0].suffix == ".gguf" else "safetensors" if files else "random-init"
+    quant = (_gguf_quantization(files[0]) if fmt == "gguf" else None) or {"bfloat16": "BF16"}.get(dtype, "F32")
+    n_params = parameter_count(model)
+    size = sum(f.stat().st_size for f in files) or sum(p.numel() * p.element_size() for p in model.parameters())
+    info = {
+        "general.architecture": arch, "general.parameter_count": n_params,
+        f"{arch}.context_length": cfg.context_length, f"{arch}.embedding_length": cfg.d_model,
+        f"{arch}.block_count": cfg.n_layers, f"{arch}.attention.head_count": cfg.n_heads,
+        f"{arch}.vocab_size": cfg.vocab_size, "tokenizer.ggml.eos_token_id": lm.tokenizer.eos_id,
+        "harness.source": source, "harness.dtype": dtype, "harness.device": str(lm.device),
+    }
+    if arch == "llama":
+        info.update({"llama.attention.head_count_kv": cfg.n_kv_heads, "llama.feed_forward_length": cfg.d_ff,
+                     "llama.rope.freq_base": cfg.rope_base})
+    details = {"parent_model": "", "format": fmt, "family": arch, "families": [arch],
+               "parameter_size": _human(n_params), "quantization_level": quant}
+    ctx = min(num_ctx, cfg.context_length)
+    parameters = "\n".join(f"{k:<30} {v}" for k, v in
+                           (("num_ctx", ctx), ("temperature", DEFAULT_TEMPERATURE),
+                            ("top_k", DEFAULT_TOP_K), ("top_p", DEFAULT_TOP_P)))
+    return ModelCard(
+        name=name, digest=weights_digest(files, str(lm.info.get("checkpoint_sha", name))), size=size,
+        modified_at=_iso(files[0].stat().st_mtime if files else time.time()), details=details,
+        model_info=info, template=lm.tokenizer.chat_template or "{{ .Prompt }}", parameters=parameters,
+        context_length=ctx, size_vram=size if lm.device.type == "cuda" else 0)
