@@ -1,0 +1,265 @@
+"""LLM-as-judge: grade a model's response against a reference with a local Ollama model.
+
+    judge = OllamaJudge("http://127.0.0.1:11434", model="llama3.1:8b")
+    grade = judge.grade(instruction, reference, response)      # Grade(score=85.0, parse="strict", ...)
+    grades = judge.grade_many([(instruction, reference, response), ...])   # order kept
+
+The eval CLI builds it from `conf/judge/ollama.yaml` (`judge.host=... judge.model=...`) for judged
+tasks such as `task=instruct`. Prompts and reply parsing live in `harness.judge_prompts`.
+
+Outcomes, from the run's point of view:
+- a score, or an *unscored* Grade (score None, `error` says why: "unparseable reply", "timeout
+  after 4 attempts"). A sample is never given a zero for a bad reply and never dropped;
+- connection errors, timeouts, malformed responses and 5xx are retried `retries` times with
+  exponential backoff (`backoff_s`, 2x, 4x, ...); after that the sample is unscored and the run goes
+  on. Once two samples in a row have used up their retries the server is taken to be down: later
+  samples get one attempt each until one succeeds, so a dead server costs one timeout per sample;
+- configuration errors stop the run with one line (`JudgeConfigError`, a ValueError, so the CLI
+  prints `error: ...` and exits 2): no server at `judge.host` when the run starts, a judge model the
+  server does not have (`ollama pull <model>`), another 4xx.
+
+Every reply is cached on disk (`$HARNESS_CACHE/judge`, default `~/.cache/harness/judge`), one file
+per key, written atomically. The key is sha256 over judge model, its digest, style, options,
+format and the full prompt, so re-judging the same responses asks the server nothing. Unparseable
+replies are cached too (temperature 0 gives the same reply again); failed requests are not.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
+
+from harness.judge_prompts import JudgeStyle, get_style, parse_reply, render
+
+log = logging.getLogger(__name__)
+
+Item = tuple[str, str, str]          # (instruction, reference, response)
+
+
+@dataclass
+class Grade:
+    score: float | None              # None = unscored
+    raw: str                         # the judge's reply text ("" when no reply came)
+    prompt_hash: str                 # sha256 (16 hex) of the messages sent
+    parse: str | None                # "strict" | "fallback" | None
+    error: str | None = None         # why unscored
+    cached: bool = False             # the reply came from the on-disk cache
+
+
+class Judge(Protocol):
+    model: str
+    style: str
+
+    @property
+    def digest(self) -> str: ...                 # the judge model's weights digest (comparability)
+
+    @property
+    def prompt_template(self) -> str: ...        # everything of the prompt but the three texts
+
+    def grade(self, instruction: str, reference: str, response: str) -> Grade: ...
+
+    def grade_many(self, items: Sequence[Item]) -> list[Grade]: ...
+
+
+class JudgeConfigError(ValueError):
+    """The judge cannot work as configured; the run stops with one `error:` line."""
+
+
+class _Exhausted(Exception):
+    """A request failed `attempts` times with transient errors; the sample becomes unscored."""
+
+
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("HARNESS_CACHE") or Path.home() / ".cache/harness").expanduser() / "judge"
+
+
+class ReplyCache:
+    """One small JSON file per key under root/<2 hex>/<key>.json; readers never see a torn file."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).expanduser()
+
+    def _path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.json"
+
+    def get(self, key: str) -> dict | None:
+        try:
+            value = json.loads(self._path(key).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None                              # absent (or unreadable: ask again)
+        return value if isinstance(value, dict) and isinstance(value.get("raw"), str) else None
+
+    def put(self, key: str, value: dict) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_text(json.dumps(value, ensure_ascii=False, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, path)
+
+
+class OllamaJudge:
+    """A `Judge` backed by an Ollama server through the `ollama` client (see the module docstring)."""
+
+    def __init__(self, host: str = "http://127.0.0.1:11434", model: str = "llama3.1:8b",
+                 timeout: float = 120, style: str = "zero_to_hundred", seed: int = 123,
+                 num_ctx: int = 4096, temperature: float = 0, retries: int = 3, backoff_s: float = 1.0,
+                 concurrency: int = 1, json_format: bool = False, cache: bool = True,
+                 cache_dir: str | None = None, num_predict: int | None = None, progress: bool = True):
+        import httpx
+        import ollama
+
+        if int(retries) < 0 or int(concurrency) < 1 or float(timeout) <= 0:
+            raise JudgeConfigError(f"judge needs retries >= 0, concurrency >= 1 and timeout > 0 "
+                                   f"(got {retries}, {concurrency}, {timeout})")
+        self.host, self.model, self.timeout = str(host), str(model), float(timeout)
+        self._style: JudgeStyle = get_style(style)
+        self.style = self._style.name
+        self.retries, self.backoff_s, self.concurrency = int(retries), float(backoff_s), int(concurrency)
+        self.json_format, self.progress = bool(json_format), progress
+        self.options = {"temperature": float(temperature), "seed": int(seed), "num_ctx": int(num_ctx),
+                        "num_predict": int(num_predict or self._style.num_predict)}
+        self.format = self._style.json_schema if self.json_format else None
+        self.cache = ReplyCache(cache_dir or default_cache_dir()) if cache else None
+        # A host that drops packets fails within 10 s per attempt instead of the full reply timeout.
+        self._client = ollama.Client(host=self.host,
+                                     timeout=httpx.Timeout(self.timeout, connect=min(self.timeout, 10.0)))
+        logging.getLogger("httpx").setLevel(logging.WARNING)   # not one log line per judge request
+        self._digest: str | None = None
+        self._lock = threading.Lock()
+        self._failed_in_a_row = 0    # samples in a row that used up their retries
+
+    # -- identity ---------------------------------------------------------------------------------
+    @property
+    def prompt_template(self) -> str:
+        s = self._style
+        return json.dumps({"style": s.name, "system": s.system, "template": s.template,
+                           "format": self.format}, sort_keys=True)
+
+    @property
+    def digest(self) -> str:
+        """The model's digest from the server's /api/tags, fetched once; also checks the server is
+        up and has the model (JudgeConfigError otherwise)."""
+        with self._lock:
+            if self._digest is None:
+                self._digest = self._fetch_digest()
+        return self._digest
+
+    def _fetch_digest(self) -> str:
+        try:
+            listing = self._with_retries(self._client.list, self.retries + 1)
+        except _Exhausted as e:
+            raise JudgeConfigError(
+                f"cannot reach the judge at judge.host={self.host} ({e}); start Ollama there "
+                "(`ollama serve`) or set judge.host to a running Ollama server") from None
+        names = [m.model or "" for m in listing.models]
+        for m in listing.models:
+            if m.model in (self.model, f"{self.model}:latest"):
+                return m.digest or ""
+        raise JudgeConfigError(self._not_found(names))
+
+    def _not_found(self, names: Sequence[str] | None = None) -> str:
+        have = f" (it has: {', '.join(names)})" if names else ""
+        return (f"judge model '{self.model}' not found at judge.host={self.host}{have}: run "
+                f"`ollama pull {self.model}` there, or set judge.model to a model in its /api/tags list")
+
+    # -- requests ---------------------------------------------------------------------------------
+    def _with_retries(self, call: Callable[[], Any], attempts: int) -> Any:
+        import httpx
+        from ollama import ResponseError
+
+        reason = "no attempt"
+        for attempt in range(attempts):
+            if attempt:
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+            try:
+                return call()
+            except ResponseError as e:
+                if e.status_code == 404:
+                    raise JudgeConfigError(self._not_found()) from None
+                if e.status_code < 500 and e.status_code not in (408, 429):
+                    raise JudgeConfigError(f"the judge at judge.host={self.host} rejected the request "
+                                           f"(HTTP {e.status_code}: {e.error})") from None
+                reason = f"HTTP {e.status_code}"
+            except httpx.TimeoutException:
+                reason = "timeout"
+            except (ConnectionError, httpx.TransportError) as e:
+                reason = f"connection error ({type(e).__name__})"
+            except ValueError as e:     # a body that is not Ollama's JSON (json / pydantic errors)
+                reason = f"malformed response ({type(e).__name__})"
+            log.debug("judge request failed (%s), attempt %d of %d", reason, attempt + 1, attempts)
+        raise _Exhausted(f"{reason} after {attempts} attempt{'s' if attempts > 1 else ''}")
+
+    def _chat(self, messages: list[dict]) -> str:
+        def call() -> str:
+            reply = self._client.chat(model=self.model, messages=messages, options=self.options,
+                                      format=self.format, stream=False)
+            return reply.message.content or ""
+
+        attempts = 1 if self._failed_in_a_row >= 2 else self.retries + 1   # server looks down
+        try:
+            raw = self._with_retries(call, attempts)
+        except _Exhausted:
+            self._failed_in_a_row += 1
+            raise
+        self._failed_in_a_row = 0
+        return raw
+
+    # -- grading ----------------------------------------------------------------------------------
+    def grade(self, instruction: str, reference: str, response: str) -> Grade:
+        messages = render(self._style, instruction, reference, response)
+        prompt_hash = _sha(messages)[:16]
+        key = _sha({"model": self.model, "digest": self.digest, "style": self.style,
+                    "options": self.options, "format": self.format, "messages": messages})
+        hit = self.cache.get(key) if self.cache else None
+        if hit is not None:
+            p = parse_reply(self._style, hit["raw"])    # re-parsed: a parser fix applies to old replies
+            return Grade(p.score, hit["raw"], prompt_hash, p.parse, p.error, cached=True)
+        try:
+            raw = self._chat(messages)
+        except _Exhausted as e:
+            return Grade(None, "", prompt_hash, None, str(e))
+        p = parse_reply(self._style, raw)
+        grade = Grade(p.score, raw, prompt_hash, p.parse, p.error)
+        if self.cache:
+            try:
+                self.cache.put(key, dict(asdict(grade), model=self.model, digest=self.digest, style=self.style))
+            except OSError as e:                         # a full or read-only disk costs speed, not scores
+                log.warning("judge cache %s not written: %s", self.cache.root, e)
+        return grade
+
+    def grade_many(self, items: Sequence[Item]) -> list[Grade]:
+        """Grades in the order of `items`, `concurrency` requests in flight."""
+        from tqdm.auto import tqdm
+
+        items = list(items)
+        if not items:
+            return []
+        _ = self.digest                                  # configuration errors before any work
+        out: list[Grade | None] = [None] * len(items)
+        bar = tqdm(total=len(items), desc=f"judge {self.model}", unit="sample",
+                   disable=not self.progress, leave=False)
+        with bar, ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            futures = {pool.submit(self.grade, *item): i for i, item in enumerate(items)}
+            try:
+                for f in as_completed(futures):
+                    out[futures[f]] = f.result()
+                    bar.update(1)
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+        grades = [g for g in out if g is not None]
+        unscored = sum(g.score is None for g in grades)
+        log.info("judge %s: %d graded, %d from cache, %d unscored", self.model, len(grades),
+                 sum(g.cached for g in grades), unscored)
+        return grades

@@ -1,0 +1,121 @@
+"""Instruction following, judged (the book's ch07): respond to held-out instructions, let a judge score.
+
+    python -m harness task=instruct model=out/instruct judge.model=llama3.1:8b task.limit=20
+
+Samples are the `split` part (default: test, 110 entries) of the seeded 85/5/10 split of the ch07
+instruction data (`tasks.instruction_data`), so a checkpoint finetuned by `harness.train` is never
+judged on an entry it trained on. Scoring one chunk:
+1. the prompt is `build_prompt(entry, lm.tokenizer, prompt_style)` (auto: the model's chat template
+   when it has one, else the Alpaca format);
+2. greedy `lm.generate`, at most `max_new_tokens`, cut at the next Alpaca header ("### ...") when
+   the prompt is Alpaca-style;
+3. `judge.grade_many` over (Alpaca-formatted instruction + input, reference output, response).
+Each record keeps the prompt, the response, the judge's raw reply, its parse and any error; a reply
+that could not be had or read is *unscored* (score None), counted in n_unscored, never a zero.
+
+Metrics: `score` (mean over scored samples, stderr = sample std / sqrt(n)) and
+`score_ci95_low` / `score_ci95_high`: a 95% percentile bootstrap of the mean (10,000 resamples,
+numpy RandomState(seed), so the interval is the same on every run). The scale is the judge style's
+(0-100 or 1-10); the style is part of `version`. The judge model and its digest are separate
+comparability keys (`judge_model`, `judge_digest` leaderboard columns), read from the records.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from models.lm import LM
+from tasks.base import Metric, Record, Sample, TaskError, text_hash
+from tasks.instruction_data import (ALPACA_HEADER, PROMPT_STYLES, alpaca_prompt, build_prompt,
+                                    instruction_split, resolve_style)
+from tasks.multiple_choice import mean_metric
+
+TEMPLATE_VERSION = "instruct/v1"
+ALPACA_STOP = ("### Instruction", "\n\n### ")     # the model starting the next Alpaca turn
+RESPONSE_HEADER = "\n\n### Response:\n"
+BOOTSTRAP_RESAMPLES = 10_000
+
+
+def judge_input(entry: dict) -> str:
+    """The book's `format_input`: Alpaca header, instruction and input, without the response header."""
+    return alpaca_prompt(entry).removesuffix(RESPONSE_HEADER)
+
+
+def bootstrap_ci95(values: Sequence[float], seed: int) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean; deterministic under `seed`."""
+    x = np.asarray(values, dtype=np.float64)
+    idx = np.random.RandomState(seed).randint(0, len(x), size=(BOOTSTRAP_RESAMPLES, len(x)))
+    means = x[idx].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+class InstructTask:
+    name = "instruct"
+    num_fewshot = 0
+
+    def __init__(self, judge, split: str = "test", limit: int | None = None, prompt_style: str = "auto",
+                 max_new_tokens: int = 256, seed: int = 123,
+                 fractions: Sequence[float] = (0.85, 0.05, 0.10), path: str | None = None):
+        if prompt_style not in PROMPT_STYLES:
+            raise TaskError(f"prompt_style must be one of {', '.join(PROMPT_STYLES)}, not {prompt_style!r}")
+        if int(max_new_tokens) < 1:
+            raise TaskError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
+        if limit is not None and int(limit) < 0:
+            raise TaskError(f"limit must be a non-negative number of entries or null, not {limit}")
+        self.judge, self.split, self.prompt_style = judge, split, prompt_style
+        self.max_new_tokens, self.seed = int(max_new_tokens), int(seed)
+        data = instruction_split(path, seed, list(fractions))
+        self.entries = data.part(split)[: None if limit is None else int(limit)]
+        self.version = text_hash(TEMPLATE_VERSION, ALPACA_HEADER, prompt_style, *ALPACA_STOP,
+                                 str(self.max_new_tokens), judge.style, judge.prompt_template,
+                                 split, data.signature)
+        self._judges_seen: list[tuple[str, str]] = []    # (model, digest) of the records last measured
+
+    # -- the judge as a comparability key (leaderboard columns) -----------------------------------
+    @property
+    def judge_model(self) -> str:
+        return "+".join(sorted({m for m, _ in self._judges_seen})) or self.judge.model
+
+    @property
+    def judge_digest(self) -> str:
+        return "+".join(sorted({d for _, d in self._judges_seen}))
+
+    def samples(self) -> list[Sample]:
+        return [Sample(f"{self.split}/{i:04d}-{text_hash(e['instruction'], e['input'])[:8]}",
+                       {"instruction": e["instruction"], "input": e["input"], "output": e["output"]})
+                for i, e in enumerate(self.entries)]
+
+    def score(self, lm: LM, samples: list[Sample]) -> list[Record]:
+        if not samples:
+            return []
+        digest = self.judge.digest            # a misconfigured judge stops the run before generating
+        style = resolve_style(self.prompt_style, lm.tokenizer)
+        prompts = [build_prompt(s.data, lm.tokenizer, style) for s in samples]
+        stop = ALPACA_STOP if style == "alpaca" else ()
+        responses = [r.strip() for r in lm.generate(prompts, max_new_tokens=self.max_new_tokens,
+                                                    stop=stop, temperature=0.0, seed=self.seed)]
+        grades = self.judge.grade_many([(judge_input(s.data), s.data["output"], r)
+                                        for s, r in zip(samples, responses)])
+        return [Record(sample_id=s.id, prompt_hash=text_hash(p, g.prompt_hash), prediction=r,
+                       target=s.data["output"], scores={"score": g.score},
+                       extra={"prompt": p, "prompt_style": style, "judge_reply": g.raw,
+                              "judge_prompt_hash": g.prompt_hash, "parse": g.parse, "error": g.error,
+                              "cached": g.cached, "judge_model": self.judge.model, "judge_digest": digest})
+                for s, p, r, g in zip(samples, prompts, responses, grades)]
+
+    def metrics(self, records: list[Record]) -> dict[str, Metric]:
+        judges = sorted({(r.extra.get("judge_model", ""), r.extra.get("judge_digest", "")) for r in records})
+        other = [m for m, _ in judges if m != self.judge.model]
+        if other:
+            raise TaskError(f"records here were graded by judge {other[0]!r}, not judge.model="
+                            f"{self.judge.model!r}: use a new hydra.run.dir for a different judge")
+        self._judges_seen = judges
+        mean = mean_metric([r.scores.get("score") for r in records])
+        scored = [r.scores["score"] for r in records if r.scores.get("score") is not None]
+        if not scored:
+            nan = Metric(float("nan"), None, 0, mean.n_unscored)
+            return {"score": mean, "score_ci95_low": nan, "score_ci95_high": nan}
+        low, high = bootstrap_ci95(scored, self.seed)
+        return {"score": mean, "score_ci95_low": Metric(low, None, mean.n, mean.n_unscored),
+                "score_ci95_high": Metric(high, None, mean.n, mean.n_unscored)}

@@ -1,0 +1,158 @@
+"""The judged instruction task: samples and metrics, scoring with a real model, and end to end
+through `python -m harness task=instruct` against the project's Ollama-compatible server."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from harness.judge import OllamaJudge
+from tasks.base import Record, TaskError
+from tasks.instruct import InstructTask, bootstrap_ci95, judge_input
+from tasks.instruction_data import instruction_split
+from test_cli import ENV, ROOT, assert_one_error_line, lines
+from test_judge import CountingProxy, FakeOllama, chat_body
+
+NOWHERE = "http://127.0.0.1:9"      # never contacted: the judge connects on first use
+
+
+def offline_judge(tmp_path, **kw) -> OllamaJudge:
+    kw = {"model": "judge", "cache_dir": str(tmp_path / "cache"), "progress": False, **kw}
+    return OllamaJudge(NOWHERE, **kw)
+
+
+def record(i, score, model="judge", digest="sha256:abc"):
+    return Record(f"test/{i:04d}", "h", "resp", "ref", {"score": score},
+                  {"judge_model": model, "judge_digest": digest})
+
+
+def test_samples_are_the_held_out_split(tmp_path):
+    task = InstructTask(offline_judge(tmp_path))
+    samples = task.samples()
+    split = instruction_split()
+    assert len(samples) == len(split.test) and len({s.id for s in samples}) == len(samples)
+    train = {(e["instruction"], e["input"]) for e in split.train}
+    assert not any((s.data["instruction"], s.data["input"]) in train for s in samples)
+    assert [s.id for s in InstructTask(offline_judge(tmp_path), limit=3).samples()] == [s.id for s in samples[:3]]
+    assert judge_input(samples[0].data).endswith(samples[0].data["instruction"] if not samples[0].data["input"]
+                                                 else samples[0].data["input"])
+
+
+def test_version_tracks_what_changes_scores(tmp_path):
+    base = InstructTask(offline_judge(tmp_path)).version
+    assert InstructTask(offline_judge(tmp_path), limit=2).version == base
+    assert InstructTask(offline_judge(tmp_path, model="other")).version == base   # judge model: own column
+    for changed in (InstructTask(offline_judge(tmp_path, style="mt_bench")),
+                    InstructTask(offline_judge(tmp_path, json_format=True)),
+                    InstructTask(offline_judge(tmp_path), max_new_tokens=64),
+                    InstructTask(offline_judge(tmp_path), prompt_style="alpaca"),
+                    InstructTask(offline_judge(tmp_path), split="val")):
+        assert changed.version != base
+
+
+def test_bad_settings(tmp_path):
+    with pytest.raises(TaskError, match="prompt_style"):
+        InstructTask(offline_judge(tmp_path), prompt_style="fancy")
+    with pytest.raises(TaskError, match="split"):
+        InstructTask(offline_judge(tmp_path), split="dev")
+
+
+def test_metrics_mean_interval_and_unscored(tmp_path):
+    task = InstructTask(offline_judge(tmp_path))
+    records = [record(i, s) for i, s in enumerate([80.0, None, 60.0, 100.0, None, 40.0])]
+    m = task.metrics(records)
+    assert m["score"].value == 70.0 and (m["score"].n, m["score"].n_unscored) == (4, 2)
+    assert m["score"].stderr == pytest.approx(math.sqrt(((10**2 * 2 + 30**2 * 2) / 3) / 4))
+    low, high = m["score_ci95_low"].value, m["score_ci95_high"].value
+    assert 40 <= low < 70 < high <= 100 and m["score_ci95_low"].n_unscored == 2
+    assert (low, high) == bootstrap_ci95([80.0, 60.0, 100.0, 40.0], task.seed)   # deterministic
+    assert task.judge_model == "judge" and task.judge_digest == "sha256:abc"
+    none = task.metrics([record(0, None), record(1, None)])
+    assert all(math.isnan(v.value) and (v.n, v.n_unscored) == (0, 2) for v in none.values())
+
+
+def test_metrics_refuse_records_of_another_judge(tmp_path):
+    task = InstructTask(offline_judge(tmp_path))
+    with pytest.raises(TaskError, match="graded by judge 'llama3.1:8b'.*new hydra.run.dir"):
+        task.metrics([record(0, 50.0), record(1, 70.0, model="llama3.1:8b")])
+
+
+def test_score_with_garbage_judge_keeps_every_sample(tmp_path):
+    from models.registry import load_lm
+
+    server = FakeOllama(lambda n, req: (200, chat_body("Hmm, hard to say.")))
+    try:
+        judge = OllamaJudge(server.url, model="judge", cache_dir=str(tmp_path / "c"), progress=False)
+        task = InstructTask(judge, limit=3, max_new_tokens=4)
+        records = task.score(load_lm("llama-tiny", progress=False), task.samples())
+    finally:
+        server.kill()
+    assert [r.sample_id for r in records] == [s.id for s in task.samples()]
+    assert all(r.scores == {"score": None} and r.extra["error"] == "unparseable reply" for r in records)
+    assert all(r.extra["prompt_style"] == "alpaca" and "### Response:" in r.extra["prompt"] for r in records)
+    m = task.metrics(records)
+    assert (m["score"].n, m["score"].n_unscored) == (0, 3) and task.judge_digest == "d1g35tjudge:latest"
+
+
+def test_score_with_real_model_and_judge(ollama_server, smollm2_lm, tmp_path):
+    judge = OllamaJudge(ollama_server.url, model=ollama_server.model, cache_dir=str(tmp_path / "c"),
+                        progress=False)
+    task = InstructTask(judge, limit=2, max_new_tokens=16)
+    records = task.score(smollm2_lm, task.samples())
+    assert len(records) == 2
+    for r, s in zip(records, task.samples()):
+        assert r.prediction and r.target == s.data["output"] and r.extra["judge_reply"]
+        assert r.extra["prompt_style"] == "chat" and r.extra["judge_digest"] == judge.digest
+        assert (r.scores["score"] is None) == (r.extra["error"] is not None)
+
+
+# --- the CLI ---------------------------------------------------------------------------------------
+
+def instruct_cli(tmp_path, host, model, *extra):
+    env = dict(ENV, HARNESS_CACHE=str(tmp_path / "cache"))
+    args = ["task=instruct", "model=smollm2-135m-instruct", f"judge.host={host}", f"judge.model={model}",
+            "task.limit=3", "task.max_new_tokens=32", f"leaderboard={tmp_path / 'lb.csv'}", *extra]
+    return subprocess.run([sys.executable, "-m", "harness", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600, stdin=subprocess.DEVNULL)
+
+
+def test_cli_end_to_end_resume_and_cache(ollama_server, tmp_path):
+    proxy = CountingProxy(ollama_server.url)
+    try:
+        run = tmp_path / "run"
+        p = instruct_cli(tmp_path, proxy.url, ollama_server.model, f"hydra.run.dir={run}")
+        assert p.returncode == 0, p.stderr
+        df = pd.read_csv(tmp_path / "lb.csv")
+        assert set(df.metric) == {"score", "score_ci95_low", "score_ci95_high"}
+        row = df[df.metric == "score"].iloc[0]
+        assert row.n + row.n_unscored == 3 and row.task == "instruct"
+        assert row.judge_model == ollama_server.model and isinstance(row.judge_digest, str) and row.judge_digest
+        records = [json.loads(line) for line in lines((run / "records.jsonl").read_text())]
+        assert len(records) == 3 and proxy.counts["/api/chat"] == 3
+        for r in records:
+            assert r["extra"]["prompt"] and r["extra"]["judge_reply"] and "score" in r["scores"]
+            assert isinstance(r["prediction"], str)
+
+        before, stored = dict(proxy.counts), (run / "records.jsonl").read_bytes()
+        p = instruct_cli(tmp_path, proxy.url, ollama_server.model, f"hydra.run.dir={run}")  # resume
+        assert p.returncode == 0, p.stderr
+        assert "reusing 3 finished records of 3" in p.stdout + p.stderr
+        assert proxy.counts == before and (run / "records.jsonl").read_bytes() == stored
+
+        p = instruct_cli(tmp_path, proxy.url, ollama_server.model, f"hydra.run.dir={tmp_path / 'run2'}")
+        assert p.returncode == 0, p.stderr                                   # a new run dir: cache
+        assert proxy.counts["/api/chat"] == 3
+        df = pd.read_csv(tmp_path / "lb.csv")
+        assert len(df) == 9 and df[df.metric == "score"].value.nunique(dropna=False) == 1
+    finally:
+        proxy.close()
+
+
+def test_cli_unknown_judge_model(ollama_server, tmp_path):
+    p = instruct_cli(tmp_path, ollama_server.url, "llama3.1:8b", f"hydra.run.dir={tmp_path / 'run'}")
+    assert_one_error_line(p, "ollama pull llama3.1:8b", "judge.model")
+    assert not (tmp_path / "lb.csv").exists()
