@@ -200,19 +200,25 @@ def _instantiate(node, what: str):
         raise
 
 
-def rows_for(task, lm, result: EvalResult, seed: int) -> list[dict]:
+def rows_for(task, lm, result: EvalResult, seed: int, contamination: float | str = "") -> list[dict]:
     import harness
+    from harness.provenance import summarise
 
     info = dict(getattr(lm, "info", None) or {})
+    record = info.get("provenance") or {}
+    lineage = summarise(record)
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     common = dict(
         time=now, run_id=result.run_id, model=info.get("model") or lm.name,
-        checkpoint_sha=info.get("checkpoint_sha", ""), provenance=info.get("provenance", ""),
+        checkpoint_sha=info.get("checkpoint_sha", ""),
+        provenance=record.get("id", "") if isinstance(record, dict) else str(record),
         task=task.name, task_version=task.version, num_fewshot=getattr(task, "num_fewshot", 0),
         seed=seed, dtype=info.get("dtype", ""), device=info.get("device", ""),
         batch_size=info.get("batch_size", ""), harness_version=harness.__version__,
         wall_s=round(result.wall_s, 3), judge_model=getattr(task, "judge_model", "") or "",
-        judge_digest=getattr(task, "judge_digest", "") or "")
+        judge_digest=getattr(task, "judge_digest", "") or "",
+        split=getattr(task, "split", "") or "", parent=lineage["parent"], trained_on=lineage["trained_on"],
+        contamination=contamination)
     return [dict(common, metric=name, value=m.value, stderr=m.stderr, n=m.n, n_unscored=m.n_unscored)
             for name, m in result.metrics.items()]
 
@@ -222,15 +228,23 @@ def run_job(cfg) -> bool:
     from hydra.core.hydra_config import HydraConfig
     from hydra.utils import to_absolute_path
 
+    from harness.contamination import DEFAULT_NGRAM, contamination_cell
+
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
+        ngram = cfg.get("contamination_ngram", DEFAULT_NGRAM) or 0   # null / 0: off
+        if isinstance(ngram, bool) or not isinstance(ngram, int) or ngram < 0:
+            raise UsageError(f"contamination_ngram must be a whole number of words (13, GPT-3's choice; "
+                             f"0 disables the check), not {ngram!r}")
         task = _instantiate(cfg.task, "task")
         lm = _instantiate(cfg.model, "model")
         log.info("task %s (version %s), model %s, run dir %s", task.name, task.version, lm.name, run_dir)
         info = getattr(lm, "info", None) or {}
         run_key = {k: info.get(k, "") for k in ("model", "checkpoint_sha", "dtype", "device")}
         result = evaluate(task, lm, run_dir, int(cfg.seed), int(cfg.chunk_size), run_key)
-        rows = rows_for(task, lm, result, int(cfg.seed))
+        # Share of the task's samples found in the checkpoint's training data (harness/contamination.py).
+        contamination = contamination_cell(info.get("provenance"), task, ngram)
+        rows = rows_for(task, lm, result, int(cfg.seed), contamination)
         _write_json(run_dir / "metrics.json", rows)
         board = Path(to_absolute_path(str(cfg.leaderboard)))
         append_rows(board, rows)

@@ -98,7 +98,8 @@ def fetch(name: str) -> Path:
 
 
 def load_model(name_or_path: str):
-    """(model in fp32, tokenizer, info) for a registry name or a path."""
+    """(model in fp32, tokenizer, info) for a registry name or a path. info: checkpoint_sha (short),
+    provenance (the checkpoint's provenance.json as a dict; "" when it has none), labels (native)."""
     from models.tokenizer import gguf_tokenizer, gpt2_tokenizer, load_tokenizer
     if name_or_path in MODELS and MODELS[name_or_path].kind == "init":
         arch, config_name = MODELS[name_or_path].init
@@ -129,7 +130,10 @@ def load_model(name_or_path: str):
     if kind == "native":
         info["labels"] = read_labels(path)
         if (path / "provenance.json").exists():
-            info["provenance"] = json.loads((path / "provenance.json").read_text()).get("id", "")
+            # The whole record, not just its id: a recipe that trains on from this checkpoint nests it
+            # as its parent, so one provenance.json holds the full lineage (harness/provenance.py).
+            record = json.loads((path / "provenance.json").read_text())
+            info["provenance"] = record if isinstance(record, dict) else ""
     return model, tokenizer, info
 
 

@@ -20,7 +20,7 @@ def test_native_checkpoint_round_trip(tmp_path):
     ids = torch.tensor([tok.encode("round trip")])
     with torch.inference_mode():
         assert torch.equal(loaded(ids), model(ids))
-    assert info["provenance"] == "unit-test" and tok2.name == "gpt2"
+    assert info["provenance"] == {"id": "unit-test", "seed": 0} and tok2.name == "gpt2"
 
 
 def test_save_refuses_to_overwrite_and_leaves_no_partial_folder(tmp_path):

@@ -105,7 +105,7 @@ def test_loss_decreases_and_checkpoint_is_evaluable(tmp_path):
 
     from models.registry import load_lm
     lm = load_lm(str(out), progress=False)
-    assert lm.info["provenance"] == prov["id"]
+    assert lm.info["provenance"] == prov   # the whole record (harness/provenance.py walks it)
     assert np.isfinite(lm.loglikelihood_rolling(["I had always thought Jack Gisburn rather a cheap genius"])[0])
 
     board = tmp_path / "lb.csv"
@@ -228,4 +228,4 @@ def test_continue_from_a_checkpoint_records_its_parent(tmp_path):
     assert_ok(train_cli(f"output_dir={base}", "train.max_steps=2"))
     assert_ok(train_cli(f"output_dir={cont}", "train.max_steps=2", f"train.init_from={base}", "train.model.arch=null"))
     parent = json.loads((cont / "provenance.json").read_text())["parent"]
-    assert parent["name"] == str(base) and parent["provenance"] == json.loads((base / "provenance.json").read_text())["id"]
+    assert parent["name"] == str(base) and parent["provenance"] == json.loads((base / "provenance.json").read_text())
