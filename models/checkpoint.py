@@ -206,27 +206,69 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _gguf_rope_scaling(reader, tensors: dict, config: dict, path: Path) -> dict | None:
+    """Llama-3 RoPE scaling. llama.cpp keeps only per-frequency factors (rope_freqs); files from
+    models/gguf_export.py also carry the parameters (harness.rope_scaling.*), checked against them."""
+    if "rope_freqs.weight" not in tensors:
+        return None
+    from models.llama import rope_frequencies
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_context_length")
+    scaling = {k: gguf_field(reader, f"harness.rope_scaling.{k}") for k in keys}
+    if any(v is None for v in scaling.values()):
+        raise CheckpointError(f"{path}: GGUF rope frequency factors (Llama 3.1 long context) are not supported yet")
+    scaling["original_context_length"] = int(scaling["original_context_length"])
+    cfg = LlamaConfig(**config, rope_scaling=scaling)
+    factors = rope_frequencies(LlamaConfig(**config)) / rope_frequencies(cfg)
+    if not np.allclose(tensors["rope_freqs.weight"], factors.numpy(), rtol=1e-5):
+        raise CheckpointError(f"{path}: rope_freqs does not match its harness.rope_scaling parameters")
+    return scaling
+
+
+def _gguf_gpt2(g, tensors: dict, t) -> tuple[str, dict, dict]:
+    """llama.cpp's gpt2 layout: fused attn_qkv, Linear weights [out, in] as ours, biases everywhere."""
+    n_layers, tied = g("block_count"), "output.weight" not in tensors
+    config = dict(vocab_size=int(tensors["token_embd.weight"].shape[0]), context_length=g("context_length"),
+                  d_model=g("embedding_length"), n_layers=n_layers, n_heads=g("attention.head_count"),
+                  norm_eps=float(g("attention.layer_norm_epsilon", 1e-5)), tie_embeddings=tied)
+    state = {"tok_emb.weight": t("token_embd.weight"), "pos_emb.weight": t("position_embd.weight"),
+             "final_norm.weight": t("output_norm.weight"), "final_norm.bias": t("output_norm.bias")}
+    if not tied:
+        state["head.weight"] = t("output.weight")
+    pairs = {"attn_norm": "ln1", "attn_qkv": "attn.qkv", "attn_output": "attn.proj",
+             "ffn_norm": "ln2", "ffn_up": "mlp.fc", "ffn_down": "mlp.proj"}
+    for i in range(n_layers):
+        for theirs, ours in pairs.items():
+            for p in ("weight", "bias"):
+                state[f"blocks.{i}.{ours}.{p}"] = t(f"blk.{i}.{theirs}.{p}")
+    return "gpt", config, state
+
+
 def load_gguf(path: Path):
     from gguf.quants import dequantize
     reader = open_gguf(path)
     arch = gguf_field(reader, "general.architecture")
-    if arch != "llama":
-        raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported (llama)")
-    g = lambda key, default=None: gguf_field(reader, f"llama.{key}", default)  # noqa: E731
+    if arch not in ("llama", "gpt2"):
+        raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported (llama, gpt2)")
+    g = lambda key, default=None: gguf_field(reader, f"{arch}.{key}", default)  # noqa: E731
     try:
         tensors = {t.name: dequantize(t.data, t.tensor_type) for t in reader.tensors}
     except Exception as e:
         raise CheckpointError(f"cannot dequantize {path}: {e}") from None
-    if "rope_freqs.weight" in tensors:
-        raise CheckpointError(f"{path}: GGUF rope frequency factors (Llama 3.1 long context) are not supported yet")
+    t = lambda name: torch.from_numpy(np.require(tensors[name], np.float32, ["C", "W"]))  # noqa: E731  (copies read-only F32 memmaps)
+    if arch == "gpt2":
+        try:
+            return _gguf_gpt2(g, tensors, t)
+        except KeyError as e:
+            raise CheckpointError(f"{path}: tensor {e} missing from a gpt2 GGUF") from None
     n_layers, n_heads = g("block_count"), g("attention.head_count")
     n_kv = g("attention.head_count_kv", n_heads)
     tied = "output.weight" not in tensors
     config = dict(vocab_size=int(tensors["token_embd.weight"].shape[0]), context_length=g("context_length"),
                   d_model=g("embedding_length"), n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv,
                   d_ff=g("feed_forward_length"), rope_base=float(g("rope.freq_base", 10000.0)),
-                  norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-5)), tie_embeddings=tied)
-    t = lambda name: torch.from_numpy(np.require(tensors[name], np.float32, ["C", "W"]))  # noqa: E731  (copies read-only F32 memmaps)
+                  norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-5)), tie_embeddings=tied,
+                  attn_bias="blk.0.attn_q.bias" in tensors)
+    config["rope_scaling"] = _gguf_rope_scaling(reader, tensors, config, path)
     try:
         state = {"tok_emb.weight": t("token_embd.weight"), "final_norm.weight": t("output_norm.weight")}
         if not tied:
@@ -238,6 +280,10 @@ def load_gguf(path: Path):
             state[f"blocks.{i}.attn_norm.weight"] = t(b + "attn_norm.weight")
             state[f"blocks.{i}.ffn_norm.weight"] = t(b + "ffn_norm.weight")
             state[f"blocks.{i}.attn.qkv.weight"] = torch.cat([t(b + f"attn_{x}.weight") for x in "qkv"])
+            if config["attn_bias"]:
+                tensors[b + "attn_q.bias"] = _unpermute(tensors[b + "attn_q.bias"], n_heads)
+                tensors[b + "attn_k.bias"] = _unpermute(tensors[b + "attn_k.bias"], n_kv)
+                state[f"blocks.{i}.attn.qkv.bias"] = torch.cat([t(b + f"attn_{x}.bias") for x in "qkv"])
             state[f"blocks.{i}.attn.o_proj.weight"] = t(b + "attn_output.weight")
             state[f"blocks.{i}.ffn.gate_up.weight"] = torch.cat([t(b + "ffn_gate.weight"), t(b + "ffn_up.weight")])
             state[f"blocks.{i}.ffn.down.weight"] = t(b + "ffn_down.weight")

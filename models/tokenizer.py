@@ -29,7 +29,7 @@ GPT2_EOS = 50256
 # GGUF `tokenizer.ggml.pre` values whose hub tokenizer.json splits every digit before the GPT-2
 # regex (llama.cpp treats these pre types the same way).
 DIGIT_SPLIT_PRE = {"smollm", "starcoder"}
-PLAIN_BYTE_LEVEL_PRE = {"gpt2", "default", ""}
+PLAIN_BYTE_LEVEL_PRE = {"gpt-2", "gpt2", "default", ""}  # "gpt-2": llama.cpp's name for GPT-2
 GGUF_CONTROL = 3  # llama.cpp's LLAMA_TOKEN_TYPE_CONTROL
 
 
