@@ -5,9 +5,11 @@
 
 model          an nn.Module (models.gpt.GPT, models.llama.Llama, ...), on any device. Parameters with
                requires_grad=True are trained; freeze the rest before calling.
-loss_fn        loss_fn(model, batch) -> scalar loss (mean over the batch). It gets the bare model,
-               never the DDP wrapper, so it may call model.hidden_states / model.logits freely: DDP
-               wraps a module whose forward *is* loss_fn, so gradients sync either way.
+loss_fn        loss_fn(model, batch) -> scalar loss (mean over the batch), or a dict {"loss": scalar,
+               name: scalar, ...} whose other entries are metrics (e.g. DPO's reward margin): they
+               are averaged like the loss and logged as train_<name> / val_<name>. It gets the bare
+               model, never the DDP wrapper, so it may call model.hidden_states / model.logits
+               freely: DDP wraps a module whose forward *is* loss_fn, so gradients sync either way.
 train_batches  a batch source: `.per_epoch` (micro-batches per epoch, equal on every rank) and
                `.batch(position)`, the micro-batch number `position` counting across epochs, a pure
                function of it (data.ShuffledBatches). Checkpoints save the position, nothing else.
@@ -18,6 +20,8 @@ sample_fn      sample_fn(model) -> str: a generation printed and logged at sampl
                eval mode).
 tokenizer, labels, provenance   saved into every checkpoint (provenance.json gains steps and losses).
 count_tokens   batch -> tokens in it, for tokens/s (default: numel of the batch's first tensor).
+
+eval_at_start evaluates once before the first step (a step-0 metrics row; provenance "val_before").
 
 Optimizer steps: max_steps, or epochs * per_epoch // grad_accum. Schedule: linear warmup, cosine decay
 to lr * min_lr_ratio. AdamW (fused where torch has it) with weight decay on matrices and embeddings
@@ -65,6 +69,7 @@ class TrainSettings:
     seed: int = 123
     eval_every: int = 100               # steps; the last step always evaluates
     eval_batches: int | None = None     # cap per rank; None: the whole validation set
+    eval_at_start: bool = False         # also evaluate before the first step (the untrained baseline)
     sample_every: int = 0               # steps; 0: only after the last step
     checkpoint_every: int = 0           # steps; 0: only on a signal / stop_at_step
     log_every: int = 1
@@ -89,6 +94,13 @@ def settings_from(cfg) -> TrainSettings:
     return TrainSettings(**kw)
 
 
+def split_output(out) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """loss_fn's result -> (loss, {metric name: detached scalar})."""
+    if isinstance(out, dict):
+        return out["loss"], {k: v.detach() for k, v in out.items() if k != "loss"}
+    return out, {}
+
+
 def train(model, loss_fn, train_batches, val_batches, settings: TrainSettings, run: st.Run, *,
           tokenizer, sample_fn=None, provenance: dict | None = None, labels=None,
           count_tokens=first_numel) -> dict:
@@ -107,7 +119,7 @@ def train(model, loss_fn, train_batches, val_batches, settings: TrainSettings, r
                                                            min_ratio=s.min_lr_ratio))
     # Mutable training state: everything in here goes into trainer_state.pt.
     ts = dict(step=0, position=0, tokens=0, row_loss=0.0, row_n=0, eval_loss=0.0, eval_n=0,
-              train_loss=None, val_loss=None, elapsed_s=0.0)
+              train_loss=None, val_loss=None, elapsed_s=0.0, row_extras={}, val_metrics=None, val_before=None)
     if run.resume_from:
         saved = st.load_state(run.resume_from, model)
         if saved["world_size"] != world:
@@ -135,7 +147,8 @@ def train(model, loss_fn, train_batches, val_batches, settings: TrainSettings, r
 
     def prov(complete: bool) -> dict:
         keys = ("step", "tokens", "train_loss", "val_loss", "elapsed_s")
-        return {**base_prov, **{("steps" if k == "step" else k): ts[k] for k in keys}, "complete": complete}
+        extra = {k: ts[k] for k in ("val_metrics", "val_before") if ts[k] is not None}
+        return {**base_prov, **{("steps" if k == "step" else k): ts[k] for k in keys}, **extra, "complete": complete}
 
     def checkpoint() -> None:
         rngs = [st.rng_state()]
@@ -148,26 +161,47 @@ def train(model, loss_fn, train_batches, val_batches, settings: TrainSettings, r
                 "loop": dict(ts), "world_size": world}, labels)
             st.plot_losses(out, run.id)
 
-    def evaluate() -> float | None:
+    def evaluate() -> tuple[float | None, dict[str, float]]:
+        """(mean validation loss, {metric: mean}) over the validation batches of every rank."""
         model.eval()
-        total_loss = torch.zeros(2, dtype=torch.float64, device=device)
+        sums, names = None, []
         with torch.no_grad():
             for k, batch in enumerate(val_batches or ()):
                 if s.eval_batches and k >= s.eval_batches:
                     break
                 with autocast:
-                    total_loss += torch.stack([loss_fn(model, to_device(batch, device)).double().detach(),
-                                               torch.ones((), dtype=torch.float64, device=device)])
+                    loss, extras = split_output(loss_fn(model, to_device(batch, device)))
+                names = sorted(extras)
+                vals = torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=device),
+                                    *(extras[n].double() for n in names)])
+                sums = vals if sums is None else sums + vals
+        if sums is None:
+            sums = torch.zeros(2, dtype=torch.float64, device=device)
         if world > 1:
-            dist.all_reduce(total_loss)
+            dist.all_reduce(sums)
         model.train()
-        return float(total_loss[0] / total_loss[1]) if total_loss[1] else None
+        if not sums[1]:
+            return None, {}
+        return float(sums[0] / sums[1]), {n: float(v / sums[1]) for n, v in zip(names, sums[2:])}
+
+    def eval_row() -> dict:
+        """{"val_loss": ..., "val_<metric>": ...}; the metrics also go to ts for provenance."""
+        loss, extras = evaluate()
+        ts["val_loss"], ts["val_metrics"] = loss, extras or None
+        return {"val_loss": loss, **{f"val_{k}": v for k, v in extras.items()}}
 
     signals = Signals()
     bar = None
     if main and s.progress:
         from tqdm import tqdm
         bar = tqdm(total=total, initial=ts["step"], unit="step", dynamic_ncols=True, desc=run.id.split("-")[0])
+    if s.eval_at_start and val_batches is not None and ts["step"] == 0 and ts["val_before"] is None:
+        before = eval_row()
+        ts["val_before"] = {k.removeprefix("val_"): v for k, v in before.items()}
+        if main:
+            st.append_metrics(out, {"step": 0, **before})
+            (bar.write if bar else print)("before training: " + ", ".join(
+                f"{k} {v:.4f}" for k, v in before.items() if v is not None))
     model.train()
     row_time, row_tokens, stopped = 0.0, 0, None   # tokens/s counts training steps only
     try:
@@ -177,6 +211,7 @@ def train(model, loss_fn, train_batches, val_batches, settings: TrainSettings, r
                 break
             t_step = time.perf_counter()
             step_loss = torch.zeros((), dtype=torch.float64, device=device)
+            step_extras: dict[str, torch.Tensor] = {}
             for micro in range(s.grad_accum):
                 batch = to_device(train_batches.batch(ts["position"]), device)
                 ts["position"] += 1
@@ -185,9 +220,11 @@ def train(model, loss_fn, train_batches, val_batches, settings: TrainSettings, r
                 sync = ddp is None or micro == s.grad_accum - 1
                 with ddp.no_sync() if not sync else nullcontext():
                     with autocast:
-                        loss = (ddp or lossmod)(batch)
+                        loss, extras = split_output((ddp or lossmod)(batch))
                     (loss / s.grad_accum).backward()
                 step_loss += loss.detach().double() / s.grad_accum
+                for k, v in extras.items():
+                    step_extras[k] = step_extras.get(k, 0) + v.double() / s.grad_accum
             if s.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
             lr = sched.get_last_lr()[0]
@@ -196,11 +233,15 @@ def train(model, loss_fn, train_batches, val_batches, settings: TrainSettings, r
             opt.zero_grad(set_to_none=True)
             ts["step"] += 1
             step = ts["step"]
-            # One collective per step: the global loss and whether any rank got a signal.
-            flag = torch.stack([step_loss, torch.tensor(float(signals.received or 0), dtype=torch.float64, device=device)])
+            # One collective per step: the global loss, whether any rank got a signal, the metrics.
+            names = sorted(step_extras)
+            flag = torch.stack([step_loss, torch.tensor(float(signals.received or 0), dtype=torch.float64, device=device),
+                                *(step_extras[n] for n in names)])
             if world > 1:
                 dist.all_reduce(flag)
             step_loss_v = float(flag[0]) / world
+            for n, v in zip(names, flag[2:].tolist()):
+                ts["row_extras"][n] = ts["row_extras"].get(n, 0.0) + v / world
             row_time += time.perf_counter() - t_step
             ts["elapsed_s"] += time.perf_counter() - t_step
             if not math.isfinite(step_loss_v):
@@ -213,13 +254,14 @@ def train(model, loss_fn, train_batches, val_batches, settings: TrainSettings, r
             if do_eval or step % max(1, s.log_every) == 0:
                 row = {"step": step, "epoch": round(ts["position"] / train_batches.per_epoch, 4),
                        "train_loss": ts["row_loss"] / ts["row_n"], "lr": lr,
+                       **{f"train_{k}": v / ts["row_n"] for k, v in ts["row_extras"].items()},
                        "tokens_per_s": round(row_tokens / max(row_time, 1e-9), 1)}
-                ts["row_loss"], ts["row_n"] = 0.0, 0
+                ts["row_loss"], ts["row_n"], ts["row_extras"] = 0.0, 0, {}
                 row_time, row_tokens = 0.0, 0
                 if do_eval:
                     ts["train_loss"] = ts["eval_loss"] / ts["eval_n"]
                     ts["eval_loss"], ts["eval_n"] = 0.0, 0
-                    ts["val_loss"] = row["val_loss"] = evaluate()
+                    row.update(eval_row())
                     row["train_loss_avg"] = ts["train_loss"]
                 want_sample = sample_fn and (step == total or (s.sample_every and step % s.sample_every == 0))
                 if main:
