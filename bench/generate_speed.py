@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
@@ -34,6 +33,8 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from common import write_summary  # noqa: E402  (bench/ is the script's folder, first on sys.path)
 
 from models.generate import generate_tokens  # noqa: E402
 from models.registry import DTYPES, load_lm  # noqa: E402
@@ -237,9 +238,7 @@ def main() -> None:
     print(f"overall: {pf(all_pass)}")
     print("ours fp32 text:", repr(lm0.tokenizer.decode(tokens[args.dtypes[0]]["ours"])[:200]))
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=2) + "\n")
+    out = write_summary(args.out, summary)
     print(f"wrote {out}")
 
 

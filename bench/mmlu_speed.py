@@ -16,7 +16,6 @@ Run:  python bench/mmlu_speed.py [--subjects a,b] [--fewshot 0 5] [--limit N] ..
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -34,6 +33,8 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from common import write_summary  # noqa: E402  (bench/ is the script's folder, first on sys.path)
 
 from models.registry import load_lm  # noqa: E402
 from tasks.mmlu import MMLUTask  # noqa: E402
@@ -262,9 +263,7 @@ def main() -> None:
 
     summary["all_pass"] = all_pass
     print(f"\noverall: {pf(all_pass)}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=2) + "\n")
+    out = write_summary(args.out, summary)
     print(f"wrote {out}  (total {time.perf_counter() - t0:.0f}s)")
 
 

@@ -18,7 +18,6 @@ Run:  OMP_NUM_THREADS=1 python bench/serve_speed.py      (writes bench/results/s
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import queue
@@ -34,6 +33,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from common import write_summary  # noqa: E402  (bench/ is the script's folder, first on sys.path)
 
 import ollama  # noqa: E402
 
@@ -163,9 +164,7 @@ def main() -> None:
         "overhead": overhead, "target": f"overhead < {OVERHEAD_LIMIT:.0%}", "pass": ok, "same_text": same_text,
         "server_runs_s": server_s, "in_process_runs_s": local_s, "concurrent": conc,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=2) + "\n")
+    out = write_summary(args.out, summary)
     print(f"wrote {out}")
 
 

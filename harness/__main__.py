@@ -11,7 +11,7 @@ import tempfile
 import hydra
 from omegaconf import DictConfig
 
-from harness.evaluate import UsageError, rewrite_argv, run_job
+from harness.evaluate import rewrite_sys_argv, run_job
 
 # Jobs may run in other processes (hydra/launcher=joblib), so failures are reported through a file
 # named in the environment, which worker processes inherit.
@@ -26,11 +26,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        sys.argv[1:] = rewrite_argv(sys.argv[1:])
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    rewrite_sys_argv()
     fd, failures = tempfile.mkstemp(prefix="harness-failed-jobs-")
     os.close(fd)
     os.environ[FAILURES_ENV] = failures

@@ -164,7 +164,10 @@ def sources(provenance: Any) -> list[Source]:
     """Every training source of the lineage, root first. Unavailable when a step's data is unknown."""
     out: list[Source] = []
     for step in lineage(provenance).steps:
-        for d in step.get("data") or []:
+        data = step.get("data")
+        for d in data if isinstance(data, list) else []:
+            if not isinstance(d, dict):
+                raise Unavailable(f"unreadable training data record {d!r}")
             path, sha = Path(str(d.get("path", ""))), str(d.get("sha256", ""))
             if not sha:
                 raise Unavailable(f"training file {path} has no recorded sha256")

@@ -89,6 +89,15 @@ def rewrite_argv(argv: list[str], conf_dir: Path = CONF_DIR) -> list[str]:
     return out
 
 
+def rewrite_sys_argv() -> None:
+    """rewrite_argv on this process's command line; a bad one prints one `error:` line, exit 2."""
+    try:
+        sys.argv[1:] = rewrite_argv(sys.argv[1:])
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 @dataclass
 class EvalResult:
     metrics: dict                # name -> tasks.base.Metric

@@ -147,11 +147,16 @@ def split_data_file(step: dict, split: SplitSignature) -> Path | None:
     return None
 
 
+def _data_records(step: dict) -> list[dict]:
+    """The step's `data` list of {path, sha256} (pretraining corpora); [] when absent or malformed."""
+    data = step.get("data")
+    return [d for d in data if isinstance(d, dict)] if isinstance(data, list) else []
+
+
 def step_files(step: dict) -> list[tuple[str, str]]:
     """(path, sha256) of the data files one step trained on, as recorded (splits: their source file;
     its path is "" when it cannot be found, the sha256 is the recorded one)."""
-    files = [(str(d.get("path", "")), str(d.get("sha256", ""))) for d in step.get("data") or []
-             if isinstance(d, dict)]
+    files = [(str(d.get("path", "")), str(d.get("sha256", ""))) for d in _data_records(step)]
     split = parse_split(step.get("split") or "")
     if split:
         path = split_data_file(step, split)
@@ -161,7 +166,7 @@ def step_files(step: dict) -> list[tuple[str, str]]:
 
 def describe_step(step: dict) -> str:
     """What one step trained on, short: 'the-verdict.txt(b41e41a6)+x.txt(...)' or a split."""
-    data = [d for d in step.get("data") or [] if isinstance(d, dict)]
+    data = _data_records(step)
     if data:
         return "+".join(f"{Path(str(d.get('path', '?'))).name}({str(d.get('sha256', ''))[:8]})" for d in data)
     split = parse_split(step.get("split") or "")

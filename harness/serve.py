@@ -125,11 +125,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    from harness.evaluate import UsageError, rewrite_argv
-    try:  # model=<path> -> model=checkpoint model.name=<path>, exactly as the eval CLI does
-        sys.argv[1:] = rewrite_argv(sys.argv[1:])
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from harness.evaluate import rewrite_sys_argv
+    rewrite_sys_argv()   # model=<path> -> model=checkpoint model.name=<path>, exactly as the eval CLI does
     main()
     sys.exit(_exit[0])

@@ -49,7 +49,6 @@ class LM(Protocol):
 
 # --- the implementation for our torch models -----------------------------------------------------
 
-import math  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 
 import torch  # noqa: E402

@@ -2,7 +2,6 @@
 and an end-to-end comparison of two real runs."""
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,12 +15,7 @@ from harness.stats import (binomial_two_sided_half, mcnemar_exact, mean_stderr, 
                            paired_bootstrap)
 from tasks.base import Record
 
-ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
-ENV = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-for var, sub in (("HARNESS_DATA", "data"), ("HARNESS_MODELS", "models")):
-    if (SHARED / sub).is_dir():
-        ENV.setdefault(var, str(SHARED / sub))
+from clitools import ENV, ROOT
 
 
 # --- harness.stats ------------------------------------------------------------------------------

@@ -26,11 +26,7 @@ from harness.train.sft_data import IGNORE, collate_pairs, dpo_loss, sequence_log
 from models.registry import load_model  # noqa: E402
 from tasks.instruction_data import instruction_file, instruction_split  # noqa: E402
 
-ENV = dict(os.environ, OMP_NUM_THREADS="1",
-           PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-for var, sub in (("HARNESS_DATA", "data"), ("HARNESS_MODELS", "models")):
-    if (ROOT.parent / "shared" / sub).is_dir():
-        ENV.setdefault(var, str(ROOT.parent / "shared" / sub))
+from clitools import ENV  # noqa: E402
 SMOKE = ["progress=false", "train.limit_train=16", "train.limit_val=4", "train.batch_size=4", "train.max_steps=2",
          "train.limit_test=2", "train.max_new_tokens=8", "train.sample_max_new_tokens=4"]
 

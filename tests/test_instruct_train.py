@@ -25,11 +25,7 @@ from harness.train.sft_data import IGNORE, collate_sft, encode_example, has_targ
 from models.registry import load_model  # noqa: E402
 from tasks.instruction_data import alpaca_prompt, build_prompt, instruction_split  # noqa: E402
 
-ENV = dict(os.environ, OMP_NUM_THREADS="1",
-           PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-for var, sub in (("HARNESS_DATA", "data"), ("HARNESS_MODELS", "models")):
-    if (ROOT.parent / "shared" / sub).is_dir():
-        ENV.setdefault(var, str(ROOT.parent / "shared" / sub))
+from clitools import ENV  # noqa: E402
 SMOKE = ["train=instruct", "model=gpt-tiny", "progress=false", "train.limit_train=16", "train.limit_val=4",
          "train.batch_size=4", "train.max_steps=2", "train.limit_test=2", "train.max_new_tokens=8",
          "train.sample_max_new_tokens=4"]
@@ -140,7 +136,7 @@ def test_instruct_end_to_end(tmp_path):
     prov = json.loads((out / "provenance.json").read_text())
     assert prov["complete"] and prov["recipe"] == "instruct" and prov["steps"] == 2
     assert prov["split"] == split.signature and prov["prompt_style"] == "alpaca" and prov["mask_prompt"] is False
-    assert prov["parent"]["name"] == "gpt-tiny" and len(prov["data"]["sha256"]) == 64
+    assert prov["parent"]["name"] == "gpt-tiny" and len(prov["split_file"]["sha256"]) == 64
     assert prov["train_examples"] == 16 and prov["val_examples"] == 4
     assert prov["val_before"]["loss"] > 0 and prov["val_after"]["loss"] == prov["val_loss"]
     assert prov["test_responses"]["n"] == 2 and prov["wall_s"] > 0 and prov["cpu_s"] > 0

@@ -1,19 +1,12 @@
 """A parallel Hydra sweep (joblib launcher): two tiny models x one small task, two jobs at once,
 every job appends its rows; then the sweep's leaderboard renders and its two runs compare."""
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
-ENV = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-for var, sub in (("HARNESS_DATA", "data"), ("HARNESS_MODELS", "models")):
-    if (SHARED / sub).is_dir():
-        ENV.setdefault(var, str(SHARED / sub))
+from clitools import ENV, ROOT
 
 
 def python_m(*args):

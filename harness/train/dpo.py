@@ -107,7 +107,8 @@ def run(cfg) -> dict:
                  len(train_ds), len(val_ds), skip_train + skip_val, max_length, split.signature)
     provenance = {"recipe": "dpo", "parent": parent, "split": split.signature,   # the reference is the parent
                   "split_sizes": [len(split.train), len(split.val), len(split.test)],
-                  "data": {"path": str(data_path.resolve()), "sha256": sha256_file(data_path)},
+                  # the file the split was cut from: only its train part was trained on (see "split")
+                  "split_file": {"path": str(data_path.resolve()), "sha256": sha256_file(data_path)},
                   "prompt_style": style, "beta": beta, "logprob_reduction": reduction, "lora": lora,
                   "max_length": max_length, "train_pairs": len(train_ds), "val_pairs": len(val_ds),
                   "skipped_pairs": skip_train + skip_val, "trainable": summary}

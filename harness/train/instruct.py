@@ -206,7 +206,8 @@ def run(cfg) -> dict:
                  len(train_ds), len(val_ds), skip_train + skip_val, max_length, split.signature)
     provenance = {"recipe": "instruct", "parent": parent, "split": split.signature,
                   "split_sizes": [len(split.train), len(split.val), len(split.test)],
-                  "data": {"path": str(data_path.resolve()), "sha256": sha256_file(data_path)},
+                  # the file the split was cut from: only its train part was trained on (see "split")
+                  "split_file": {"path": str(data_path.resolve()), "sha256": sha256_file(data_path)},
                   "prompt_style": style, "mask_prompt": mask_prompt, "lora": lora, "max_length": max_length,
                   "train_examples": len(train_ds), "val_examples": len(val_ds),
                   "skipped_examples": skip_train + skip_val, "trainable": summary}

@@ -1,0 +1,179 @@
+"""python -m harness.baselines [out_dir=...] [key=value ...]: the baseline ladder.
+
+Trains each rung of conf/baselines.yaml (pretrain from scratch, spam classifier, instruction
+finetune, DPO), scores every rung plus the untouched base model on every task, then renders the
+leaderboard. Each stage is an ordinary `python -m harness.train` / `python -m harness` run in a
+subprocess, so the ladder adds no training or scoring code of its own, and:
+
+- a rung whose folder holds a complete checkpoint is skipped; an interrupted one resumes
+  (`resume=true`) from its last checkpoint;
+- an eval whose run folder has metrics.json is skipped; an interrupted one resumes from its
+  records.jsonl (same hydra.run.dir);
+- wall and CPU seconds of every stage go to <out_dir>/ladder.json.
+
+The judge for task=instruct is a real Ollama server (judge.host) or, by default, the base model
+served by `harness.serve` on a free 127.0.0.1 port for the duration of the ladder.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("harness.baselines")
+_exit = [0]
+
+
+class StageError(RuntimeError):
+    """A stage's subprocess failed; its own `error:` line is already on stderr."""
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _run_stage(name: str, argv: list[str], ledger: dict, ledger_path: Path) -> None:
+    log.info("stage %s: %s", name, " ".join(argv))
+    wall, cpu = time.perf_counter(), _children_cpu_s()
+    code = subprocess.call([sys.executable, *argv])
+    if code != 0:
+        raise StageError(f"stage {name} failed with exit status {code}; fix the cause and re-run "
+                         "python -m harness.baselines (finished stages are kept)")
+    ledger[name] = {"wall_s": round(time.perf_counter() - wall, 1), "cpu_s": round(_children_cpu_s() - cpu, 1),
+                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    _write_json(ledger_path, ledger)
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _complete(folder: Path) -> bool:
+    prov = folder / "provenance.json"
+    return prov.exists() and bool(json.loads(prov.read_text()).get("complete"))
+
+
+def model_path(name: str, cfg: DictConfig, out: Path) -> str:
+    return str(cfg.base_model) if name == "base" else str(out / name)
+
+
+def train_argv(rung: str, spec, cfg: DictConfig, out: Path) -> list[str] | None:
+    """The train command for a rung, or None when its checkpoint is complete."""
+    folder = out / rung
+    if _complete(folder):
+        return None
+    argv = ["-m", "harness.train", f"train={spec.train}", f"output_dir={folder}", f"seed={cfg.seed}"]
+    source = str(spec.get("from", "base"))
+    if source != "none":
+        if source != "base" and not _complete(out / source):
+            raise StageError(f"rung {rung} starts from rung {source}, which has no complete checkpoint")
+        argv.append(f"model={model_path(source, cfg, out)}")
+    if (folder / "run.json").exists():
+        argv.append("resume=true")
+    return argv + [str(a) for a in spec.get("args") or []]
+
+
+def eval_argv(model: str, task: str, args, cfg: DictConfig, out: Path, judge: tuple[str, str] | None) -> list[str] | None:
+    run_dir = out / "eval" / model / task
+    if (run_dir / "metrics.json").exists():
+        return None
+    argv = ["-m", "harness", f"task={task}", f"model={model_path(model, cfg, out)}",
+            f"model.dtype={cfg.eval_dtype}", f"leaderboard={Path(str(cfg.leaderboard)).resolve()}",
+            f"hydra.run.dir={run_dir}", f"seed={cfg.seed}"]
+    if task == "instruct" and judge:
+        argv += [f"judge.host={judge[0]}", f"judge.model={judge[1]}"]
+    return argv + [str(a) for a in args or []]
+
+
+@contextmanager
+def local_judge(model: str):
+    """Serve `model` with harness.serve on a free loopback port; yields (url, served name)."""
+    proc = subprocess.Popen([sys.executable, "-m", "harness.serve", f"model={model}", "host=127.0.0.1", "port=0"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        line = ""
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                raise StageError(f"the local judge server for {model} exited with status {proc.returncode}")
+            if line.startswith("serving "):
+                break
+        else:
+            raise StageError(f"the local judge server for {model} did not start within 300 s")
+        served, url = line.split()[1], line.split()[-1]
+        log.info("judge: %s served at %s", served, url)
+        yield url, served
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def run_ladder(cfg: DictConfig) -> None:
+    out = Path(str(cfg.out_dir)).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    ledger_path = out / "ladder.json"
+    ledger = json.loads(ledger_path.read_text()) if ledger_path.exists() else {}
+    unknown = [m for m in cfg.models if m != "base" and m not in cfg.rungs]
+    if unknown:
+        raise ValueError(f"models lists {', '.join(unknown)}, which are not rungs ({', '.join(cfg.rungs)}) or base")
+    for rung, spec in cfg.rungs.items():
+        argv = train_argv(rung, spec, cfg, out)
+        if argv is None:
+            log.info("rung %s: complete checkpoint in %s, skipped", rung, out / rung)
+        else:
+            _run_stage(f"train/{rung}", argv, ledger, ledger_path)
+    jobs = [(m, t, a) for m in cfg.models for t, a in cfg.tasks.items()
+            if t == "sms_spam" or m not in cfg.classifier_rungs]
+    todo = [(m, t, eval_argv(m, t, a, cfg, out, None)) for m, t, a in jobs]
+    needs_judge = any(argv and t == "instruct" for _, t, argv in todo)
+    with (local_judge(str(cfg.judge.model)) if needs_judge and not cfg.judge.host else _fixed(cfg)) as judge:
+        for model, task, args in jobs:
+            argv = eval_argv(model, task, args, cfg, out, judge)
+            if argv is None:
+                log.info("eval %s/%s: done before, skipped", model, task)
+                continue
+            _run_stage(f"eval/{model}/{task}", argv, ledger, ledger_path)
+    if cfg.render:
+        _run_stage("render", ["-m", "harness.leaderboard", f"leaderboard={Path(str(cfg.leaderboard)).resolve()}",
+                              f"out_dir={out}"], ledger, ledger_path)
+    total = sum(v["cpu_s"] for k, v in ledger.items() if k != "render")
+    log.info("ladder done: %d stages, %.1f CPU-min in total; table in %s", len(ledger), total / 60, out / "leaderboard.md")
+
+
+@contextmanager
+def _fixed(cfg: DictConfig):
+    yield (str(cfg.judge.host), str(cfg.judge.model)) if cfg.judge.host else None
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="baselines")
+def main(cfg: DictConfig) -> None:
+    try:
+        OmegaConf.resolve(cfg)
+        run_ladder(cfg)
+    except (StageError, ValueError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        _exit[0] = 2
+    except KeyboardInterrupt:
+        print("error: interrupted; re-run python -m harness.baselines to resume", file=sys.stderr, flush=True)
+        _exit[0] = 130
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(_exit[0])
