@@ -150,8 +150,9 @@ def run_ladder(cfg: DictConfig) -> None:
                 continue
             _run_stage(f"eval/{model}/{task}", argv, ledger, ledger_path)
     if cfg.render:
+        metrics = [f"metrics=[{','.join(cfg.render_metrics)}]"] if cfg.get("render_metrics") else []
         _run_stage("render", ["-m", "harness.leaderboard", f"leaderboard={Path(str(cfg.leaderboard)).resolve()}",
-                              f"out_dir={out}"], ledger, ledger_path)
+                              f"out_dir={out}", *metrics], ledger, ledger_path)
     total = sum(v["cpu_s"] for k, v in ledger.items() if k != "render")
     log.info("ladder done: %d stages, %.1f CPU-min in total; table in %s", len(ledger), total / 60, out / "leaderboard.md")
 

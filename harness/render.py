@@ -61,7 +61,12 @@ class Cell:
 
     @property
     def contaminated(self) -> bool:
-        return self.contamination.strip().lower() not in CLEAN
+        """A measured fraction above 0 (or a non-numeric flag); 0.0 means measured and clean."""
+        text = self.contamination.strip().lower()
+        try:
+            return float(text) > 0
+        except ValueError:
+            return text not in CLEAN
 
 
 @dataclass
@@ -263,11 +268,21 @@ def to_markdown(table: Table) -> str:
     for c in table.columns:
         keys = ", ".join(f"{k}={v or '—'}" for k, v in zip(KEYS, c.keys))
         lines.append(f"- `{c.label}`: task={c.task}, metric={c.metric}, {keys}")
-    flagged = [(m, label, cell.contamination) for (m, label), cell in table.cells.items() if cell.contaminated]
+    task_of = {c.label: c.task for c in table.columns}
+    flagged = {(m, task_of[label]): cell.contamination for (m, label), cell in table.cells.items()
+               if cell.contaminated}
     if flagged:
-        lines += ["", "† the model may have seen this test data in training (`contamination`):"]
-        lines += [f"- {m}, `{label}`: {why}" for m, label, why in flagged]
+        lines += ["", "† the model may have seen this test data in training: the fraction of the task's "
+                  "samples that share an n-gram with its training data (`contamination`):"]
+        lines += [f"- {m} on {task}: {_fraction(why)}" for (m, task), why in flagged.items()]
     return "\n".join(lines) + "\n"
+
+
+def _fraction(value: str) -> str:
+    try:
+        return f"{float(value):.1%}"
+    except ValueError:
+        return value
 
 
 def to_records(table: Table) -> list[dict]:

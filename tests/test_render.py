@@ -33,9 +33,9 @@ def board(tmp_path):
             parent="base", trained_on="instruction/train"),
         row("tuned", "acc/anatomy", 0.9, time="2026-01-02T00:00:00+00:00"),
         row("tuned", "acc", 0.95, time="2026-01-02T00:00:00+00:00", task="sms_spam", version="s1",
-            contamination="trained on sms_spam/test"),
+            contamination="0.25"),
         row("base", "acc", 0.55, time="2026-01-02T00:00:00+00:00", task="sms_spam", version="s1",
-            contamination="none"),
+            contamination="0.0"),                                            # measured, clean: no mark
         row("tuned", "word_perplexity", 30.0, time="2026-01-01T00:00:00+00:00", task="wikitext2", stderr=None),
         row("tuned", "word_perplexity", 20.0, time="2026-01-02T00:00:00+00:00", task="wikitext2", stderr=None),
         row("tuned", "word_perplexity", 25.0, time="2026-01-03T00:00:00+00:00", task="wikitext2", stderr=None),
@@ -89,8 +89,9 @@ def test_markdown_cells(board):
     assert lines[2] == "| base | — | — | 60.0 ± 2.0 | — | — | — | 30.0 ± 2.0 | 50.0 ± 2.0 | 55.0 ± 2.0 | — |"
     assert lines[3] == ("| tuned | base | instruction/train | — | 70.0 ± 2.0 | 61 ± 2 | 55 ± 2 | "
                         "71.2 ± 2.1 (n=97, 3 unscored) | — | 95.0 ± 2.0 † | 25 |")
-    assert lines[-2:] == ["† the model may have seen this test data in training (`contamination`):",
-                          "- tuned, `sms_spam/acc`: trained on sms_spam/test"]
+    assert lines[-2:] == ["† the model may have seen this test data in training: the fraction of the task's "
+                          "samples that share an n-gram with its training data (`contamination`):",
+                          "- tuned on sms_spam: 25.0%"]
     assert ("- `mmlu/acc (5-shot)`: task=mmlu, metric=acc, task_version=v2bbbb, num_fewshot=5, dtype=float32, "
             "split=test, judge_model=—, judge_digest=—") in lines
 
