@@ -2,7 +2,7 @@
 
     python -m harness task=instruct model=out/instruct judge.model=llama3.1:8b task.limit=20
 
-Samples are the `split` part (default: test, 110 entries) of the seeded 85/5/10 split of the ch07
+Samples are the `split` part (default: test, 104 entries) of the seeded 85/5/10 split of the ch07
 instruction data (`tasks.instruction_data`), so a checkpoint finetuned by `harness.train` is never
 judged on an entry it trained on. Scoring one chunk:
 1. the prompt is `build_prompt(entry, lm.tokenizer, prompt_style)` (auto: the model's chat template

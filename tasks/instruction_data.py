@@ -5,8 +5,8 @@ Shared by the trainers (`harness/train/instruct.py`, `harness/train/dpo.py`) and
 
 Split: shuffle the entries with a fixed seed, cut 85/5/10 into train/val/test by position. The file
 holds 25 (instruction, input) pairs twice; a repeat goes to the split of its first occurrence, so
-no test instruction was seen in training (train gets 935 +- a few entries). The preference file
-holds the same 1,100 entries in the same order, so both files split identically.
+no test instruction was seen in training (944 / 52 / 104 entries instead of 935 / 55 / 110). The
+preference file holds the same 1,100 entries in the same order, so both files split identically.
 
 Prompt styles:
 - `alpaca`: the book's format ("Below is an instruction ... ### Instruction: ... ### Response:\\n");

@@ -290,8 +290,10 @@ def test_arc_configs_equal_lm_eval_arc_rendering():
 def test_every_task_config_instantiates():
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
+    judge = OmegaConf.load(CONF.parent / "judge" / "ollama.yaml")   # `judge: ${judge}` of judged tasks
     for f in sorted(CONF.glob("*.yaml")):
-        task = instantiate(OmegaConf.load(f), limit=2)
+        root = OmegaConf.create({"judge": judge, "task": OmegaConf.load(f)})
+        task = instantiate(root.task, limit=2)
         assert isinstance(task.name, str) and len(task.version) == 16 and task.num_fewshot == 0
         assert 1 <= len(task.samples()) <= 2 * 57
 
