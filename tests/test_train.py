@@ -229,3 +229,25 @@ def test_continue_from_a_checkpoint_records_its_parent(tmp_path):
     assert_ok(train_cli(f"output_dir={cont}", "train.max_steps=2", f"train.init_from={base}", "train.model.arch=null"))
     parent = json.loads((cont / "provenance.json").read_text())["parent"]
     assert parent["name"] == str(base) and parent["provenance"] == json.loads((base / "provenance.json").read_text())
+
+
+def test_validation_metrics_are_per_example_means(tmp_path):
+    """A short last validation batch counts per example: 3 examples in batches of 2 average over 3
+    (2/3 here), not over the 2 batch means (0.5)."""
+    from harness.train.loop import TrainSettings, train
+    from harness.train.state import check_output
+    from models.registry import load_model
+
+    model, tokenizer, _ = load_model("gpt-tiny")
+    rows = [torch.tensor([1, 5, 6, 7]), torch.tensor([1, 8, 9, 10]), torch.tensor([0, 11, 12, 13])]
+
+    def loss_fn(m, batch):
+        logits = m(batch[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+        return {"loss": loss, "starts_with_1": (batch[:, 0] == 1).double().mean()}
+
+    run = check_output(tmp_path / "out", {"test": "per-example validation"}, resume=False, overwrite=False)
+    settings = TrainSettings(max_steps=1, eval_every=1, progress=False, lr=1e-4)
+    result = train(model, loss_fn, ShuffledBatches(rows, 2, seed=0), EvalBatches(rows, 2), settings, run,
+                   tokenizer=tokenizer)
+    assert result["val_metrics"]["starts_with_1"] == pytest.approx(2 / 3)

@@ -101,6 +101,12 @@ def split_output(out) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     return out, {}
 
 
+def _rows(batch) -> int:
+    """Examples in a batch: the leading dimension of its first tensor."""
+    first = batch if isinstance(batch, torch.Tensor) else next(iter(batch.values() if isinstance(batch, dict) else batch))
+    return int(first.shape[0])
+
+
 def train(model, loss_fn, train_batches, val_batches, settings: TrainSettings, run: st.Run, *,
           tokenizer, sample_fn=None, provenance: dict | None = None, labels=None,
           count_tokens=first_numel) -> dict:
@@ -162,7 +168,7 @@ def train(model, loss_fn, train_batches, val_batches, settings: TrainSettings, r
             st.plot_losses(out, run.id)
 
     def evaluate() -> tuple[float | None, dict[str, float]]:
-        """(mean validation loss, {metric: mean}) over the validation batches of every rank."""
+        """(mean validation loss, {metric: mean}) per example over the validation batches of every rank."""
         model.eval()
         sums, names = None, []
         with torch.no_grad():
@@ -172,8 +178,10 @@ def train(model, loss_fn, train_batches, val_batches, settings: TrainSettings, r
                 with autocast:
                     loss, extras = split_output(loss_fn(model, to_device(batch, device)))
                 names = sorted(extras)
+                # weighted by the batch's rows, so a short last batch counts per example, not as a full one
+                rows = float(_rows(batch))
                 vals = torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=device),
-                                    *(extras[n].double() for n in names)])
+                                    *(extras[n].double() for n in names)]) * rows
                 sums = vals if sums is None else sums + vals
         if sums is None:
             sums = torch.zeros(2, dtype=torch.float64, device=device)
