@@ -20,10 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import queue
-import re
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -38,6 +35,7 @@ from common import write_summary  # noqa: E402  (bench/ is the script's folder, 
 
 import ollama  # noqa: E402
 
+from harness.serve_process import ServedProcess, ServerStartError, spawn_server  # noqa: E402
 from models.registry import load_lm  # noqa: E402
 
 STORY = "Write a long story about a robot who learns to paint."
@@ -46,20 +44,14 @@ CONCURRENT = ["Name three colors.", "What is 2 + 2? Explain.", "Name a fruit and
 OVERHEAD_LIMIT = 0.10
 
 
-def start_server(model: str, dtype: str) -> tuple[subprocess.Popen, str, str]:
+def start_server(model: str, dtype: str) -> ServedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.Popen([sys.executable, "-m", "harness.serve", f"model={model}", f"dtype={dtype}",
-                             "host=127.0.0.1", "port=0", "log_level=WARNING"],
-                            cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] + [lines.put(None)], daemon=True).start()
-    while True:
-        line = lines.get(timeout=300)
-        if line is None:
-            sys.exit(f"error: harness.serve exited with {proc.wait()} (its stderr is above)")
-        m = re.match(r"serving (\S+) on (\S+)", line)
-        if m:
-            return proc, m.group(1), m.group(2)
+    try:
+        server = spawn_server([f"model={model}", f"dtype={dtype}", "host=127.0.0.1", "port=0", "log_level=WARNING"],
+                              env=env, cwd=ROOT)
+    except ServerStartError as e:
+        sys.exit(f"error: {e} (its stderr is above)")
+    return server
 
 
 def timed_server(client: ollama.Client, name: str, prompt: str, n: int) -> tuple[float, int, str]:
@@ -117,7 +109,8 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpus {os.cpu_count()}, "
           f"load avg {os.getloadavg()[0]:.2f}", flush=True)
-    proc, name, url = start_server(args.model, args.dtype)
+    server = start_server(args.model, args.dtype)
+    name, url = server.model, server.url
     try:
         lm = load_lm(args.model, dtype=args.dtype, progress=False)
         prompt = lm.chat_prompt([{"role": "user", "content": STORY}])
@@ -153,8 +146,7 @@ def main() -> None:
               f"in-process: {conc['lone_equal_in_process']}; sequential {conc['sequential_s']:.1f}s, "
               f"concurrent {conc['concurrent_s']:.1f}s (requests take turns on the model)")
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+        server.stop(timeout=60)
 
     summary = {
         "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),

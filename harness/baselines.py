@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import resource
 import subprocess
 import sys
@@ -28,6 +27,8 @@ from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
+
+from harness.leaderboard import write_atomic
 
 log = logging.getLogger("harness.baselines")
 _exit = [0]
@@ -51,13 +52,7 @@ def _run_stage(name: str, argv: list[str], ledger: dict, ledger_path: Path) -> N
                          "python -m harness.baselines (finished stages are kept)")
     ledger[name] = {"wall_s": round(time.perf_counter() - wall, 1), "cpu_s": round(_children_cpu_s() - cpu, 1),
                     "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    _write_json(ledger_path, ledger)
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    write_atomic(ledger_path, json.dumps(ledger, indent=1, sort_keys=True).encode())
 
 
 def _complete(folder: Path) -> bool:
@@ -100,28 +95,16 @@ def eval_argv(model: str, task: str, args, cfg: DictConfig, out: Path, judge: tu
 @contextmanager
 def local_judge(model: str):
     """Serve `model` with harness.serve on a free loopback port; yields (url, served name)."""
-    proc = subprocess.Popen([sys.executable, "-m", "harness.serve", f"model={model}", "host=127.0.0.1", "port=0"],
-                            stdout=subprocess.PIPE, text=True)
+    from harness.serve_process import ServerStartError, spawn_server
     try:
-        deadline = time.monotonic() + 300
-        line = ""
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line and proc.poll() is not None:
-                raise StageError(f"the local judge server for {model} exited with status {proc.returncode}")
-            if line.startswith("serving "):
-                break
-        else:
-            raise StageError(f"the local judge server for {model} did not start within 300 s")
-        served, url = line.split()[1], line.split()[-1]
-        log.info("judge: %s served at %s", served, url)
-        yield url, served
+        server = spawn_server([f"model={model}", "host=127.0.0.1", "port=0"])
+    except ServerStartError as e:
+        raise StageError(f"the local judge server for {model}: {e}") from None
+    log.info("judge: %s served at %s", server.model, server.url)
+    try:
+        yield server.url, server.model
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        server.stop()
 
 
 def run_ladder(cfg: DictConfig) -> None:

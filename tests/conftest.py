@@ -48,44 +48,20 @@ def ollama_server(smollm2_path, tmp_path_factory):
     """`python -m harness.serve model=smollm2-135m-instruct host=127.0.0.1 port=0` in a subprocess,
     for the session. Yields an object with `.url` ("http://127.0.0.1:<port>") and `.model` (the
     served name); `.log` is the server's stderr (request log). Terminated at the end."""
-    import queue
-    import re
-    import subprocess
-    import sys
-    import threading
     from types import SimpleNamespace
+
+    from harness.serve_process import ServerStartError, spawn_server
 
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, HARNESS_MODELS=str(models_dir()), HARNESS_DATA=str(data_dir()),
                PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
     log = tmp_path_factory.mktemp("ollama_server") / "stderr.log"
-    with open(log, "w") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "harness.serve", "model=smollm2-135m-instruct", "host=127.0.0.1", "port=0"],
-            cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, text=True)
-    lines: queue.Queue = queue.Queue()
-
-    def drain():   # keep reading stdout so the server never blocks on a full pipe
-        for line in proc.stdout:
-            lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=drain, daemon=True).start()
     try:
-        while True:
-            line = lines.get(timeout=120)
-            if line is None:
-                pytest.fail(f"harness.serve exited with {proc.wait()}:\n{log.read_text()[-3000:]}")
-            m = re.match(r"serving (\S+) on (http://127\.0\.0\.1:\d+)", line)
-            if m:
-                break
-    except queue.Empty:
-        proc.kill()
-        pytest.fail(f"harness.serve did not start within 120 s:\n{log.read_text()[-3000:]}")
-    yield SimpleNamespace(url=m.group(2), model=m.group(1), log=log, process=proc)
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        with open(log, "w") as err:
+            server = spawn_server(["model=smollm2-135m-instruct", "host=127.0.0.1", "port=0"], env=env, cwd=root,
+                                  stderr=err, timeout=120)
+    except ServerStartError as e:
+        pytest.fail(f"{e}:\n{log.read_text()[-3000:]}")
+    assert server.url.startswith("http://127.0.0.1:"), server.url      # loopback only
+    yield SimpleNamespace(url=server.url, model=server.model, log=log, process=server.process)
+    server.stop()
