@@ -20,6 +20,7 @@ import torch
 
 from harness.ollama_api import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, Job, ModelCard, Outcome
 from models.generate import generate_tokens
+from models.lm import cut_at_stop
 from models.llama import LlamaConfig
 
 
@@ -35,11 +36,9 @@ class StreamDecoder:
         self.stopped = False      # a stop string appeared: generation must end
 
     def _cut(self, text: str) -> str:
-        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
-        if hits:
-            self.stopped = True
-            return text[:min(hits)]
-        return text
+        cut = cut_at_stop(text, self.stop)
+        self.stopped = self.stopped or len(cut) < len(text)
+        return cut
 
     def _settled_end(self, text: str) -> int:
         base = end = len(text.rstrip("\ufffd"))
@@ -137,12 +136,13 @@ def weights_files(source: str) -> list[Path]:
     return [path] if path.is_file() else sorted(path.glob("*.safetensors"))
 
 
-def weights_digest(files: list[Path], fallback: str) -> str:
-    """sha256 hex of the weights file; of the files' digests, in order, for sharded folders."""
+def weights_digest(files: list[Path], fallback: str, known: dict[str, str] | None = None) -> str:
+    """sha256 hex of the weights file; of the files' digests, in order, for sharded folders. `known`:
+    digests load_model already computed ({path: sha256}), so a large file is not read twice."""
     from models.download import sha256_file
     if not files:
         return hashlib.sha256(fallback.encode()).hexdigest()
-    digests = [sha256_file(f) for f in files]
+    digests = [(known or {}).get(str(f)) or sha256_file(f) for f in files]
     return digests[0] if len(digests) == 1 else hashlib.sha256("".join(digests).encode()).hexdigest()
 
 
@@ -200,7 +200,7 @@ def describe_model(lm, source: str, name: str, num_ctx: int) -> ModelCard:
                            (("num_ctx", ctx), ("temperature", DEFAULT_TEMPERATURE),
                             ("top_k", DEFAULT_TOP_K), ("top_p", DEFAULT_TOP_P)))
     return ModelCard(
-        name=name, digest=weights_digest(files, str(lm.info.get("checkpoint_sha", name))), size=size,
+        name=name, digest=weights_digest(files, str(lm.info.get("checkpoint_sha", name)), lm.info.get("weights_sha256")), size=size,
         modified_at=_iso(files[0].stat().st_mtime if files else time.time()), details=details,
         model_info=info, template=lm.tokenizer.chat_template or "{{ .Prompt }}", parameters=parameters,
         context_length=ctx, size_vram=size if lm.device.type == "cuda" else 0)

@@ -99,6 +99,7 @@ def fetch(name: str) -> Path:
 
 def load_model(name_or_path: str):
     """(model in fp32, tokenizer, info) for a registry name or a path. info: checkpoint_sha (short),
+    weights_sha256 ({weights file: sha256} of the file hashed for it),
     provenance (the checkpoint's provenance.json as a dict; "" when it has none), labels (native)."""
     from models.tokenizer import gguf_tokenizer, gpt2_tokenizer, load_tokenizer
     if name_or_path in MODELS and MODELS[name_or_path].kind == "init":
@@ -126,7 +127,8 @@ def load_model(name_or_path: str):
         raise CheckpointError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
                               f"{model.config.vocab_size}; the tokenizer does not belong to this model")
     weights = path if path.is_file() else next(iter(sorted(path.glob("*.safetensors"))))
-    info = {"checkpoint_sha": sha256_file(weights)[:12], "provenance": ""}
+    sha = sha256_file(weights)
+    info = {"checkpoint_sha": sha[:12], "weights_sha256": {str(weights): sha}, "provenance": ""}
     if kind == "native":
         info["labels"] = read_labels(path)
         if (path / "provenance.json").exists():
