@@ -252,7 +252,7 @@ class TorchLM:
                                   eos_ids=self._stop_ids(), temperature=temperature, top_k=top_k,
                                   top_p=top_p, generator=generator, should_stop=stop_check)
             for i, toks in zip(idx, new):
-                outputs[i] = _cut_at_stop(decode(toks), stop)
+                outputs[i] = cut_at_stop(decode(toks), stop)
         return outputs
 
     def _stop_ids(self) -> list[int]:
@@ -287,6 +287,7 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
-def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """`text` up to the first occurrence of any (non-empty) stop string."""
     cut = min((text.find(s) for s in stop if s and s in text), default=-1)
     return text if cut < 0 else text[:cut]

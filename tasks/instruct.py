@@ -27,12 +27,11 @@ import numpy as np
 
 from models.lm import LM
 from tasks.base import Metric, Record, Sample, TaskError, text_hash
-from tasks.instruction_data import (ALPACA_HEADER, PROMPT_STYLES, alpaca_prompt, build_prompt,
-                                    instruction_split, resolve_style)
+from tasks.instruction_data import (ALPACA_HEADER, ALPACA_STOP, PROMPT_STYLES, alpaca_prompt, build_prompt,
+                                    instruction_split, resolve_style, stop_strings)
 from tasks.multiple_choice import mean_metric
 
 TEMPLATE_VERSION = "instruct/v1"
-ALPACA_STOP = ("### Instruction", "\n\n### ")     # the model starting the next Alpaca turn
 RESPONSE_HEADER = "\n\n### Response:\n"
 BOOTSTRAP_RESAMPLES = 10_000
 
@@ -92,7 +91,7 @@ class InstructTask:
         digest = self.judge.digest            # a misconfigured judge stops the run before generating
         style = resolve_style(self.prompt_style, lm.tokenizer)
         prompts = [build_prompt(s.data, lm.tokenizer, style) for s in samples]
-        stop = ALPACA_STOP if style == "alpaca" else ()
+        stop = stop_strings(style)
         responses = [r.strip() for r in lm.generate(prompts, max_new_tokens=self.max_new_tokens,
                                                     stop=stop, temperature=0.0, seed=self.seed)]
         grades = self.judge.grade_many([(judge_input(s.data), s.data["output"], r)

@@ -34,6 +34,7 @@ FILES = {  # name -> (url, sha256 of rasbt/LLMs-from-scratch@28c65cdf)
 }
 SPLIT_VERSION = "instruction/split/v1"
 PROMPT_STYLES = ("auto", "alpaca", "chat")
+ALPACA_STOP = ("### Instruction", "\n\n### ")   # an Alpaca-style model starting another turn
 ALPACA_HEADER = ("Below is an instruction that describes a task. "
                  "Write a response that appropriately completes the request.")
 
@@ -119,6 +120,11 @@ def resolve_style(style: str, tokenizer) -> str:
     if style == "chat" and not getattr(tokenizer, "chat_template", None):
         raise ValueError("prompt_style=chat, but this model's tokenizer has no chat template; use alpaca")
     return style
+
+
+def stop_strings(resolved_style: str) -> tuple[str, ...]:
+    """Where a response ends besides EOS: chat templates end turns with a token, Alpaca does not."""
+    return ALPACA_STOP if resolved_style == "alpaca" else ()
 
 
 def build_prompt(entry: dict, tokenizer, style: str = "auto") -> str:

@@ -29,10 +29,11 @@ from harness.train.sft_data import collate_sft, encode_example, encode_prompt, h
 from models.download import sha256_file
 from models.generate import generate_tokens
 from models.lora import DEFAULT_TARGETS, apply_lora, lora_parameters, merge_lora
-from tasks.instruction_data import build_prompt, instruction_file, instruction_split, resolve_style
+from models.lm import cut_at_stop
+from tasks.instruction_data import (build_prompt, instruction_file, instruction_split, resolve_style,
+                                    stop_strings)
 
 log = logging.getLogger("harness.train")
-ALPACA_STOP = ("### Instruction", "\n\n### ")   # tasks/instruct.py's: the model starting another turn
 
 
 # --- pieces shared with dpo.py --------------------------------------------------------------------
@@ -104,7 +105,7 @@ class Responder:
         ctx = model.config.context_length
         encoded = [self.prompt_ids(e, ctx) for e in entries]
         order = sorted(range(len(entries)), key=lambda i: len(encoded[i]))
-        stop = ALPACA_STOP if self.style == "alpaca" else ()
+        stop = stop_strings(self.style)
         decode = self.tokenizer.decode
         check = (lambda _r, toks: any(s in decode(toks) for s in stop)) if stop else None
         texts, at_limit = [""] * len(entries), [False] * len(entries)
@@ -116,9 +117,7 @@ class Responder:
             new = generate_tokens(model, [encoded[i] for i in idx], max_new_tokens=self.max_new_tokens,
                                   eos_ids=[self.tokenizer.eos_id], should_stop=check)
             for i, toks in zip(idx, new):
-                text = decode(toks)
-                cut = min((text.find(x) for x in stop if x in text), default=-1)
-                texts[i] = (text if cut < 0 else text[:cut]).strip()
+                texts[i] = cut_at_stop(decode(toks), stop).strip()
                 at_limit[i] = len(toks) >= self.max_new_tokens
         model.train(was_training)
         return texts, at_limit
