@@ -30,17 +30,18 @@ sha256 are those of the data trained on, so they are used even when the file has
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from harness.leaderboard import write_atomic
 from harness.provenance import lineage, parse_split, split_data_file
 
 log = logging.getLogger("harness")
@@ -184,18 +185,6 @@ def sources(provenance: Any) -> list[Source]:
     return out
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def training_ngrams(source: Source, n: int) -> np.ndarray:
     """The source's sorted unique n-gram hashes, from the cache or built (then cached) once."""
     path = cache_dir() / f"ngrams-{source.key[:32]}-n{n}-{NORMALIZATION}.npy"
@@ -207,7 +196,9 @@ def training_ngrams(source: Source, n: int) -> np.ndarray:
     log.info("contamination: hashing the %d-grams of %s (once; cached in %s)", n, source.label, path.parent)
     parts = [a for doc in source.documents() for a in _hash_document(doc, n)]
     grams = np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.uint64)
-    _atomic_write(path, lambda f: np.save(f, grams, allow_pickle=False))
+    buf = io.BytesIO()
+    np.save(buf, grams, allow_pickle=False)
+    write_atomic(path, buf.getvalue())
     return grams
 
 
@@ -250,7 +241,7 @@ def measure(provenance: Any, samples: Sequence, task_key: str, n: int = DEFAULT_
     result = Contamination(dirty / len(samples) if samples else 0.0, dirty, len(samples), n, cached=False)
     record = {"fraction": result.fraction, "n_contaminated": dirty, "n_samples": len(samples), "ngram": n,
               "task": task_key, "sources": [s.label for s in srcs]}
-    _atomic_write(path, lambda f: f.write(json.dumps(record).encode()))
+    write_atomic(path, json.dumps(record).encode())
     return result
 
 

@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from harness.leaderboard import append_rows
+from harness.leaderboard import append_rows, write_atomic
 from harness.records import RecordWriter, load_records
 
 log = logging.getLogger("harness")
@@ -129,8 +129,7 @@ def _locked(run_dir: Path):
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    (tmp := path.with_suffix(".tmp")).write_text(json.dumps(obj, indent=1, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=1, sort_keys=True, default=str).encode("utf-8"))
 
 
 def _open_run(run_dir: Path, key: dict) -> dict:

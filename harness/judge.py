@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 from harness.judge_prompts import JudgeStyle, get_style, parse_reply, render
+from harness.leaderboard import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +102,7 @@ class ReplyCache:
         return value if isinstance(value, dict) and isinstance(value.get("raw"), str) else None
 
     def put(self, key: str, value: dict) -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        tmp.write_text(json.dumps(value, ensure_ascii=False, sort_keys=True), encoding="utf-8")
-        os.replace(tmp, path)
+        write_atomic(self._path(key), json.dumps(value, ensure_ascii=False, sort_keys=True).encode("utf-8"))
 
 
 class OllamaJudge:
