@@ -1,38 +1,80 @@
 """python -m harness task=<name> model=<name|path> [key=value ...]   (-m: a multirun grid)
 
-Bad input (unknown task/model, missing or corrupt files, bad data) prints one `error:` line on
-stderr, exits with status 2 and appends nothing to the leaderboard. In a multirun the other jobs
-still run, and the sweep exits 2 when any job failed, whichever launcher ran the jobs.
+One job: config -> task + model -> records (harness.evaluate) -> metrics -> leaderboard rows.
+Bad input (unknown task/model, missing or corrupt files, bad config values, a leaderboard that
+cannot be written) prints one `error:` line on stderr, exits with status 2 and appends nothing; the
+checks that need no model run before the model is loaded. In a multirun the other jobs still run,
+and the sweep exits 2 when any job failed, whichever launcher ran the jobs (harness/cli.py).
+
+Re-running a finished run folder scores nothing and appends nothing (append_again=true appends its
+rows once more); samples left unscored for a passing reason (a judge timeout) are scored again.
 """
-import os
-import sys
-import tempfile
+from __future__ import annotations
+
+import logging
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from harness.evaluate import rewrite_sys_argv, run_job
+from harness.cli import bool_option, exit_after, int_option, run_cli
+from harness.config import rewrite_argv
 
-# Jobs may run in other processes (hydra/launcher=joblib), so failures are reported through a file
-# named in the environment, which worker processes inherit.
-FAILURES_ENV = "HARNESS_FAILED_JOBS_FILE"
+log = logging.getLogger("harness")
+
+
+def run_job(cfg: DictConfig, run_dir: Path) -> None:
+    from datetime import datetime, timezone
+
+    from hydra.utils import to_absolute_path
+
+    from harness.config import instantiate
+    from harness.contamination import DEFAULT_NGRAM, contamination_cell
+    from harness.evaluate import evaluate, read_state, rows_for, run_dir_lock
+    from harness.io import write_json
+    from harness.leaderboard import append_rows, check_appendable
+
+    # Everything that needs no model first: a typo costs seconds, not a model load.
+    seed = int_option(cfg.seed, "seed")
+    chunk_size = int_option(cfg.chunk_size, "chunk_size", minimum=1)
+    ngram = int_option(cfg.get("contamination_ngram", DEFAULT_NGRAM) or 0, "contamination_ngram", minimum=0)
+    append_again = bool_option(cfg.get("append_again", False), "append_again")
+    board = Path(to_absolute_path(str(cfg.leaderboard)))
+    check_appendable(board)
+    with run_dir_lock(run_dir):
+        task = instantiate(cfg.task, "task")
+        lm = instantiate(cfg.model, "model")
+        log.info("task %s (version %s), model %s, run dir %s", task.name, task.version, lm.name, run_dir)
+        info = getattr(lm, "info", None) or {}
+        run_key = {k: info.get(k, "") for k in ("model", "checkpoint_sha", "dtype", "device")}
+        result = evaluate(task, lm, run_dir, seed, chunk_size, run_key, locked=True)
+        # Share of the task's samples found in the checkpoint's training data (harness/contamination.py).
+        contamination = contamination_cell(info.get("provenance"), task, ngram)
+        rows = rows_for(task, lm, result, seed, contamination)
+        write_json(run_dir / "metrics.json", rows)
+        state = read_state(run_dir) or {}
+        appended = state.setdefault("appended", {})
+        if result.n_reused == result.n_samples and str(board) in appended and not append_again:
+            log.info("run %s: every sample was scored before and its rows are in %s already; nothing "
+                     "appended (append_again=true appends them once more)", result.run_id, board)
+            return
+        append_rows(board, rows)
+        appended[str(board)] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        write_json(run_dir / "run.json", state)
+    for r in rows:
+        err = "" if r["stderr"] is None else f" ± {r['stderr']:.4f}"
+        log.info("%s %s = %.4f%s (n=%d, unscored %d)", r["task"], r["metric"], r["value"], err, r["n"],
+                 r["n_unscored"])
+    log.info("appended %d rows to %s (%.1f s scoring)", len(rows), board, result.wall_s)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    if not run_job(cfg):
-        with open(os.environ[FAILURES_ENV], "a") as f:
-            f.write("failed\n")
+    from hydra.core.hydra_config import HydraConfig
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    run_cli(lambda: run_job(cfg, run_dir), error_log=run_dir / "error.log")
 
 
 if __name__ == "__main__":
-    rewrite_sys_argv()
-    fd, failures = tempfile.mkstemp(prefix="harness-failed-jobs-")
-    os.close(fd)
-    os.environ[FAILURES_ENV] = failures
-    try:
-        main()
-        failed = os.path.getsize(failures) > 0
-    finally:
-        os.unlink(failures)
-    sys.exit(2 if failed else 0)
+    exit_after(main, rewrite_argv)

@@ -19,22 +19,23 @@ from __future__ import annotations
 import json
 import logging
 import resource
+import signal
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from harness.leaderboard import write_atomic
+from harness.cli import Interrupted, UserError, exit_after, run_cli
+from harness.io import write_atomic
 
 log = logging.getLogger("harness.baselines")
-_exit = [0]
 
 
-class StageError(RuntimeError):
+class StageError(UserError):
     """A stage's subprocess failed; its own `error:` line is already on stderr."""
 
 
@@ -43,10 +44,39 @@ def _children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _call_forwarding_signals(name: str, argv: list[str]) -> int:
+    """Run one stage's subprocess; SIGTERM/SIGINT to the ladder are passed on to it and the ladder
+    waits for it (a trainer writes its checkpoint first), so no stage is left running orphaned.
+    The child has its own session: a terminal's Ctrl-C reaches it once, through us, not twice (a
+    second SIGINT makes a trainer exit without its checkpoint)."""
+    proc = subprocess.Popen([sys.executable, *argv], start_new_session=True)
+    received: list[int] = []
+
+    def forward(signum, _frame):
+        if not received:
+            log.warning("%s: passing it to stage %s and waiting for it to stop",
+                        signal.Signals(signum).name, name)
+        received.append(signum)
+        with suppress(ProcessLookupError):
+            proc.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if received:
+        raise Interrupted(received[0], f"{signal.Signals(received[0]).name} during stage {name} (it exited with "
+                                       f"status {code}, keeping its last checkpoint or records); re-run "
+                                       "python -m harness.baselines to resume")
+    return code
+
+
 def _run_stage(name: str, argv: list[str], ledger: dict, ledger_path: Path) -> None:
     log.info("stage %s: %s", name, " ".join(argv))
     wall, cpu = time.perf_counter(), _children_cpu_s()
-    code = subprocess.call([sys.executable, *argv])
+    code = _call_forwarding_signals(name, argv)
     if code != 0:
         raise StageError(f"stage {name} failed with exit status {code}; fix the cause and re-run "
                          "python -m harness.baselines (finished stages are kept)")
@@ -114,7 +144,7 @@ def run_ladder(cfg: DictConfig) -> None:
     ledger = json.loads(ledger_path.read_text()) if ledger_path.exists() else {}
     unknown = [m for m in cfg.models if m != "base" and m not in cfg.rungs]
     if unknown:
-        raise ValueError(f"models lists {', '.join(unknown)}, which are not rungs ({', '.join(cfg.rungs)}) or base")
+        raise UserError(f"models lists {', '.join(unknown)}, which are not rungs ({', '.join(cfg.rungs)}) or base")
     for rung, spec in cfg.rungs.items():
         argv = train_argv(rung, spec, cfg, out)
         if argv is None:
@@ -147,17 +177,12 @@ def _fixed(cfg: DictConfig):
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="baselines")
 def main(cfg: DictConfig) -> None:
-    try:
+    def job() -> None:
         OmegaConf.resolve(cfg)
         run_ladder(cfg)
-    except (StageError, ValueError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
-        _exit[0] = 2
-    except KeyboardInterrupt:
-        print("error: interrupted; re-run python -m harness.baselines to resume", file=sys.stderr, flush=True)
-        _exit[0] = 130
+
+    run_cli(job, interrupted="interrupted; re-run python -m harness.baselines to resume")
 
 
 if __name__ == "__main__":
-    main()
-    sys.exit(_exit[0])
+    exit_after(main)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
+from harness.cli import UserError, exit_after, int_option, run_cli
 from harness.records import load_records
 from harness.stats import mcnemar_exact, paired_bootstrap
 
@@ -36,7 +36,7 @@ AUTO_ORDER = ("acc", "score", "loglikelihood_per_word")
 USAGE = "python -m harness.compare a=<run folder> b=<run folder> [metric=auto] [out=<file.json>]"
 
 
-class CompareError(ValueError):
+class CompareError(UserError):
     """The two runs cannot be compared as asked; printed as one `error:` line, exit 2."""
 
 
@@ -180,33 +180,26 @@ def format_report(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-_exit = [0]
-
-
 @hydra.main(version_base="1.3", config_path="../conf", config_name="compare")
 def _main(cfg: DictConfig) -> None:
     from hydra.utils import to_absolute_path
-    from omegaconf.errors import MissingMandatoryValue
 
-    from harness.leaderboard import write_atomic
-    try:
+    from harness.io import write_atomic
+
+    def job() -> None:
         a = load_run(to_absolute_path(str(cfg.a)), "a")
         b = load_run(to_absolute_path(str(cfg.b)), "b")
-        result = compare(a, b, str(cfg.metric), int(cfg.n_resamples), int(cfg.seed))
+        result = compare(a, b, str(cfg.metric), int_option(cfg.n_resamples, "n_resamples", minimum=1),
+                         int_option(cfg.seed, "seed"))
         if cfg.out:
-            write_atomic(Path(to_absolute_path(str(cfg.out))),
-                         (json.dumps(result, indent=1) + "\n").encode())
-    except MissingMandatoryValue as e:
-        print(f"error: missing value for {e.full_key}; usage: {USAGE}", file=sys.stderr, flush=True)
-        _exit[0] = 2
-        return
-    except (ValueError, OSError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
-        _exit[0] = 2
-        return
-    print(format_report(result), end="")
+            out = Path(to_absolute_path(str(cfg.out)))
+            if out.is_dir():
+                raise CompareError(f"out={cfg.out} is a folder; name the .json file to write")
+            write_atomic(out, (json.dumps(result, indent=1) + "\n").encode())
+        print(format_report(result), end="")
+
+    run_cli(job)
 
 
 if __name__ == "__main__":
-    _main()
-    sys.exit(_exit[0])
+    exit_after(_main)

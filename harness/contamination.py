@@ -33,7 +33,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from harness.leaderboard import write_atomic
+from harness.cli import UserError
+from harness.io import cache_root, write_atomic
 from harness.provenance import lineage, parse_split, split_data_file
 
 log = logging.getLogger("harness")
@@ -56,8 +56,7 @@ class Unavailable(Exception):
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("HARNESS_CACHE") or Path.home() / ".cache/harness"
-    return Path(root).expanduser() / "contamination"
+    return cache_root() / "contamination"
 
 
 def normalize(text: str) -> list[str]:
@@ -255,7 +254,7 @@ def contamination_cell(provenance: Any, task, n: int = DEFAULT_NGRAM) -> float |
         return ""
     try:
         got = measure(provenance, list(task.samples()), f"{task.name}@{task.version}", int(n))
-    except (Unavailable, OSError, ValueError, KeyError) as e:   # ValueError: TaskError / bad split data
+    except (Unavailable, UserError, OSError, ValueError, KeyError) as e:   # UserError: TaskError / bad split data
         log.warning("contamination not measured: %s", e)
         return ""
     log.info("contamination: %d of %d %s samples (%.4f) share an n-gram (n=%d) with the training data%s",

@@ -21,13 +21,11 @@ import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from harness.cli import UserError, run_cli
+
 log = logging.getLogger("harness.export")
 USAGE = ("usage: python -m harness.export model=<registry name|checkpoint folder|.gguf> out=<file.gguf> "
          "[dtype=f32|f16|bf16] [overwrite=false]")
-
-
-class UsageError(ValueError):
-    pass
 
 
 @dataclass
@@ -43,7 +41,7 @@ def _bool(key: str, value: str) -> bool:
         return True
     if value.lower() in ("false", "0", "no"):
         return False
-    raise UsageError(f"{key}={value}: expected true or false")
+    raise UserError(f"{key}={value}: expected true or false")
 
 
 def parse_args(argv: list[str]) -> ExportConfig:
@@ -52,12 +50,12 @@ def parse_args(argv: list[str]) -> ExportConfig:
     for arg in argv:
         key, sep, value = arg.partition("=")
         if not sep or key not in known:
-            raise UsageError(f"unexpected argument {arg!r}; {USAGE[len('usage: '):]}")
+            raise UserError(f"unexpected argument {arg!r}; {USAGE[len('usage: '):]}")
         setattr(cfg, key, _bool(key, value) if key == "overwrite" else value)
     if not cfg.model or not cfg.out:
-        raise UsageError(f"model= and out= are required; {USAGE[len('usage: '):]}")
+        raise UserError(f"model= and out= are required; {USAGE[len('usage: '):]}")
     if not cfg.out.endswith(".gguf"):
-        raise UsageError(f"out={cfg.out}: the output must be a .gguf file")
+        raise UserError(f"out={cfg.out}: the output must be a .gguf file")
     return cfg
 
 
@@ -82,9 +80,9 @@ def export(cfg: ExportConfig, progress: bool = True) -> Path:
     out = Path(cfg.out).expanduser()
     # Cheap checks first, so a typo costs no model load.
     if cfg.dtype not in QTYPES:
-        raise UsageError(f"unknown dtype {cfg.dtype!r}; use one of {', '.join(QTYPES)}")
+        raise UserError(f"unknown dtype {cfg.dtype!r}; use one of {', '.join(QTYPES)}")
     if out.is_dir():
-        raise UsageError(f"out={cfg.out} is a folder; name the .gguf file to write")
+        raise UserError(f"out={cfg.out} is a folder; name the .gguf file to write")
     if out.exists() and not cfg.overwrite:
         raise ExportError(f"{out} already exists; pass overwrite=true or choose another output file")
     model, tokenizer, _ = load_model(cfg.model)
@@ -103,14 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__.strip())
         return 0
-    from harness.evaluate import _user_errors
-    try:
+
+    def job() -> None:
         path = export(parse_args(argv))
-    except (*_user_errors(), OSError) as e:
-        print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
-        return 2
-    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
-    return 0
+        print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+
+    return run_cli(job)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
+from harness.cli import UserError
 from harness.judge_prompts import JudgeStyle, get_style, parse_reply, render
 from harness.leaderboard import write_atomic
 
@@ -69,7 +70,7 @@ class Judge(Protocol):
     def grade_many(self, items: Sequence[Item]) -> list[Grade]: ...
 
 
-class JudgeConfigError(ValueError):
+class JudgeConfigError(UserError):
     """The judge cannot work as configured; the run stops with one `error:` line."""
 
 

@@ -26,6 +26,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from harness.cli import UserError
+
 
 @dataclass(frozen=True)
 class JudgeStyle:
@@ -77,7 +79,7 @@ STYLES: dict[str, JudgeStyle] = {s.name: s for s in (_ZERO_TO_HUNDRED, _MT_BENCH
 
 def get_style(name: str) -> JudgeStyle:
     if name not in STYLES:
-        raise ValueError(f"unknown judge style {name!r}; use one of {', '.join(STYLES)}")
+        raise UserError(f"unknown judge style {name!r}; use one of {', '.join(STYLES)}")
     return STYLES[name]
 
 

@@ -18,10 +18,12 @@ import csv
 import fcntl
 import io
 import os
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Mapping
+
+from harness.cli import UserError
+from harness.io import write_all, write_atomic
 
 COLUMNS = [
     "time", "run_id", "model", "checkpoint_sha", "provenance", "task", "task_version",
@@ -32,7 +34,7 @@ COLUMNS = [
 NUMERIC = ["num_fewshot", "value", "stderr", "n", "n_unscored", "seed", "wall_s"]
 
 
-class LeaderboardError(ValueError):
+class LeaderboardError(UserError):
     """The leaderboard file cannot be appended to safely (foreign header, bad row)."""
 
 
@@ -70,12 +72,6 @@ def _first_line(fd: int) -> bytes:
     return b"".join(chunks).split(b"\n", 1)[0]
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
 def _migrated(p: Path, header: list[str]) -> bytes:
     """The whole file re-encoded under COLUMNS: old rows keep their cells, new cells are empty."""
     with open(p, newline="", encoding="utf-8") as f:
@@ -83,38 +79,10 @@ def _migrated(p: Path, header: list[str]) -> bytes:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(COLUMNS)
-    for i, row in enumerate(rows, start=2):
-        if not row:
-            continue
-        if len(row) > len(header):
-            raise LeaderboardError(f"{p}: record {i} has {len(row)} cells but the header has {len(header)}; "
-                                   "repair it by hand before appending")
-        w.writerow(row + [""] * (len(COLUMNS) - len(row)))
+    for row in rows:   # validate() has checked that no row is wider than its header
+        if row:
+            w.writerow(row + [""] * (len(COLUMNS) - len(row)))
     return buf.getvalue().encode("utf-8")
-
-
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Replace `path` with `data` all at once (temp file in the same folder, fsync, rename): a reader
-    sees the old file or the new one, never half of it. Keeps an existing file's permissions."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    mode = os.stat(p).st_mode & 0o777 if p.exists() else 0o644
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        os.fchmod(fd, mode)
-        _write_all(fd, data)
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        os.unlink(tmp)
-        raise
-    os.close(fd)
-    os.replace(tmp, p)
-    dir_fd = os.open(p.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)   # make the rename itself durable
-    finally:
-        os.close(dir_fd)
 
 
 @contextmanager
@@ -130,29 +98,73 @@ def locked(path: str | os.PathLike):
         os.close(fd)  # closing the descriptor releases the lock
 
 
+def _nearest_existing(p: Path) -> Path:
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_appendable(path: str | os.PathLike) -> None:
+    """Refuse, before any scoring, a leaderboard that an append would fail on: a folder, a path
+    through a file, a folder or file we may not write, a foreign header or an unreadable body.
+    Creates nothing."""
+    p = Path(path)
+    hint = "pass leaderboard=<a writable .csv file>"
+    if p.is_dir():
+        raise LeaderboardError(f"leaderboard={p} is a folder; {hint}")
+    base = _nearest_existing(p.parent)
+    if not base.is_dir():
+        raise LeaderboardError(f"leaderboard={p}: {base} is a file, not a folder; {hint}")
+    lock = p.with_name(p.name + ".lock")
+    for target, need in ((p, os.W_OK), (lock, os.W_OK)):
+        if target.exists() and not os.access(target, need):
+            raise LeaderboardError(f"leaderboard={p}: {target} is not writable; {hint}")
+    if not (p.exists() and lock.exists()) and not os.access(base, os.W_OK | os.X_OK):
+        raise LeaderboardError(f"leaderboard={p}: cannot create files in {base} (no write permission); {hint}")
+    if p.exists() and p.stat().st_size:
+        validate(p)
+
+
+def validate(p: Path) -> None:
+    """The whole file parses as a leaderboard (header and every row), or LeaderboardError naming the
+    row: an append must never turn a readable file into an unreadable one, nor add to a broken one."""
+    import pandas as pd
+
+    with open(p, newline="", encoding="utf-8", errors="replace") as f:
+        found = f.readline().rstrip("\r\n")
+    header = next(csv.reader([found]), [])
+    if header != COLUMNS and not (0 < len(header) < len(COLUMNS) and header == COLUMNS[:len(header)]):
+        raise LeaderboardError(f"{p} has header {found[:200]!r}, not this harness's columns "
+                               f"({','.join(COLUMNS)}); move it aside or pass leaderboard=<new file>")
+    try:
+        pd.read_csv(p, dtype=str, keep_default_na=False, engine="c")
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
+        raise LeaderboardError(f"{p} cannot be read as a leaderboard ({' '.join(str(e).split())}); repair "
+                               "that row by hand (or move the file aside) before appending") from None
+
+
 def append_rows(path: str | os.PathLike, rows: list[Mapping[str, Any]]) -> None:
     """Append `rows` (dicts keyed by COLUMNS; missing keys are empty) to the CSV at `path`."""
     p = Path(path)
+    data_rows = list(rows)
+    _encode(data_rows, header=False)   # unknown columns fail before the file is touched
     with locked(p):
         fd = os.open(p, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)   # opened under the lock: the current inode
         try:
             size = os.fstat(fd).st_size
             migrate = False
             if size:
+                validate(p)
                 found = _first_line(fd).decode("utf-8", "replace").rstrip("\r")
                 header = next(csv.reader([found]), [])
-                migrate = 0 < len(header) < len(COLUMNS) and header == COLUMNS[:len(header)]
-                if header != COLUMNS and not migrate:
-                    raise LeaderboardError(
-                        f"{p} has header {found[:200]!r}, not this harness's columns "
-                        f"({','.join(COLUMNS)}); move it aside or pass leaderboard=<new file>")
-            data = _encode(rows, header=size == 0)
+                migrate = header != COLUMNS
+            data = _encode(data_rows, header=size == 0)
             if migrate:
                 write_atomic(p, _migrated(p, header) + data)
                 return
             if size and os.pread(fd, 1, size - 1) != b"\n":
                 data = b"\n" + data  # never glue our first row onto a line someone left unfinished
-            _write_all(fd, data)
+            write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -177,23 +189,21 @@ if __name__ == "__main__":   # python -m harness.leaderboard: render the table (
 
     import hydra
 
-    _exit = [0]
+    from harness.cli import exit_after, run_cli
 
     @hydra.main(version_base="1.3", config_path="../conf", config_name="leaderboard")
     def _render(cfg) -> None:
         from hydra.utils import to_absolute_path
 
         from harness.render import render
-        try:
+
+        def job() -> None:
             markdown, written = render(to_absolute_path(str(cfg.leaderboard)), to_absolute_path(str(cfg.out_dir)),
                                        cfg.models, cfg.tasks, cfg.metrics, str(cfg.select), str(cfg.interval),
                                        bool(cfg.plot))
-        except (ValueError, OSError) as e:
-            print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
-            _exit[0] = 2
-            return
-        print(markdown, end="")
-        print(f"\nwrote {', '.join(str(p) for p in written)}", file=sys.stderr)
+            print(markdown, end="")
+            print(f"\nwrote {', '.join(str(p) for p in written)}", file=sys.stderr)
 
-    _render()
-    sys.exit(_exit[0])
+        run_cli(job)
+
+    exit_after(_render)

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Iterable
 
+from harness.cli import UserError
 from tasks.base import Record
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ def _is_record(line: bytes) -> bool:
 
 def load_records(path: str | os.PathLike) -> list[Record]:
     """All records in `path` ([] when it does not exist). A torn last line is skipped with a
-    warning; a corrupt line anywhere else raises ValueError naming the file and line."""
+    warning; a corrupt line anywhere else raises UserError naming the file and line."""
     p = Path(path)
     if not p.exists():
         return []
@@ -45,7 +46,7 @@ def load_records(path: str | os.PathLike) -> list[Record]:
             if i == len(lines) - 1:  # no newline after it: a write cut short by a kill
                 log.warning("%s: ignoring torn last line (%d bytes)", p, len(line))
                 break
-            raise ValueError(f"{p}:{i + 1}: corrupt record ({type(e).__name__}: {e})") from None
+            raise UserError(f"{p}:{i + 1}: corrupt record ({type(e).__name__}: {e})") from None
     return out
 
 

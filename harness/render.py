@@ -24,7 +24,9 @@ from pathlib import Path
 
 from omegaconf import ListConfig
 
-from harness.leaderboard import read_leaderboard, write_atomic
+from harness.cli import UserError
+from harness.io import write_atomic
+from harness.leaderboard import read_leaderboard
 from harness.stats import normal_ci
 
 KEYS = ("task_version", "num_fewshot", "dtype", "split", "judge_model", "judge_digest")
@@ -35,7 +37,7 @@ INFO = ("parent", "trained_on")
 CLEAN = {"", "none", "no", "false", "0", "clean"}   # `contamination` values that flag nothing
 
 
-class RenderError(ValueError):
+class RenderError(UserError):
     """The leaderboard cannot be rendered as asked; printed as one `error:` line, exit 2."""
 
 

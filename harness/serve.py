@@ -32,10 +32,11 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from harness.cli import UserError, exit_after, int_option, run_cli
+from harness.config import rewrite_argv
 from harness.ollama_http import OllamaServer
 
 log = logging.getLogger("harness.serve")
-_exit = [0]
 
 
 def is_loopback(host: str) -> bool:
@@ -55,28 +56,26 @@ def served_name(cfg: DictConfig) -> str:
 
 
 def start(cfg: DictConfig) -> OllamaServer:
-    """Load the model and bind the socket; user errors raise (ValueError, OSError, ...)."""
-    from harness.evaluate import _instantiate
+    """Load the model and bind the socket; bad input raises UserError."""
+    from harness.config import instantiate
     from harness.serve_engine import Engine, describe_model
-    try:
-        port = int(cfg.port)
-    except (TypeError, ValueError):
-        raise ValueError(f"port must be an integer from 0 to 65535, got {cfg.port!r}") from None
-    if not 0 <= port <= 65535 or int(cfg.num_ctx) <= 0:
-        raise ValueError(f"port must be in 0..65535 (got {port}) and num_ctx > 0 (got {cfg.num_ctx})")
+    port = int_option(cfg.port, "port", minimum=0)
+    if port > 65535:
+        raise UserError(f"port={port}: expected 0..65535 (0 picks a free port)")
+    num_ctx = int_option(cfg.num_ctx, "num_ctx", minimum=1)
     name = served_name(cfg)
     if not name or any(c.isspace() for c in name):
-        raise ValueError(f"served name {name!r} must be non-empty without spaces; set name=...")
+        raise UserError(f"served name {name!r} must be non-empty without spaces; set name=...")
     host = str(cfg.host)
     try:
         server = OllamaServer((host, port))
     except OSError as e:
-        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}; choose another port= "
-                      "(port=0 picks a free one)") from None
-    lm = _instantiate(cfg.model, "model")   # unwraps Hydra's InstantiationException
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}; choose another port= "
+                        "(port=0 picks a free one)") from None
+    lm = instantiate(cfg.model, "model")   # unwraps Hydra's InstantiationException
     lm._require_vocabulary_head()   # a classifier checkpoint cannot generate text
-    card = describe_model(lm, str(cfg.model.name), name, int(cfg.num_ctx))
-    server.serve_model(Engine(lm, int(cfg.num_ctx)), card)
+    card = describe_model(lm, str(cfg.model.name), name, num_ctx)
+    server.serve_model(Engine(lm, num_ctx), card)
     if not is_loopback(host):
         log.warning("listening on %s: the API has no authentication; anyone who can reach this "
                     "address can use the model", host)
@@ -103,29 +102,17 @@ def serve_until_signal(server: OllamaServer, grace_s: float) -> None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="serve")
 def main(cfg: DictConfig) -> None:
-    from harness.evaluate import _user_errors
     logging.basicConfig(level=str(cfg.log_level).upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
+
+    def job() -> None:
         server = start(cfg)
-    except KeyboardInterrupt:
-        print("error: interrupted while loading the model", file=sys.stderr, flush=True)
-        _exit[0] = 130
-        return
-    except (*_user_errors(), OSError) as e:
-        msg = " ".join(str(e).split()) or type(e).__name__
-        if type(e).__name__ == "MissingMandatoryValue":
-            msg = f"missing value for {e.full_key}"
-        log.debug("bad input", exc_info=True)
-        print(f"error: {msg}", file=sys.stderr, flush=True)
-        _exit[0] = 2
-        return
-    print(f"serving {server.card.name} on {server.url}", flush=True)
-    serve_until_signal(server, float(cfg.shutdown_grace_s))
+        print(f"serving {server.card.name} on {server.url}", flush=True)
+        serve_until_signal(server, float(cfg.shutdown_grace_s))
+
+    run_cli(job, interrupted="interrupted while loading the model")
 
 
 if __name__ == "__main__":
-    from harness.evaluate import rewrite_sys_argv
-    rewrite_sys_argv()   # model=<path> -> model=checkpoint model.name=<path>, exactly as the eval CLI does
-    main()
-    sys.exit(_exit[0])
+    # model=<path> -> model=checkpoint model.name=<path>, exactly as the eval CLI does
+    exit_after(main, rewrite_argv)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from harness.cli import UserError
 from models.gpt import GPT, GPTConfig
 from models.llama import Llama, LlamaConfig
 
@@ -21,7 +22,7 @@ ARCHITECTURES = {"gpt": (GPTConfig, GPT), "llama": (LlamaConfig, Llama)}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A model file that is corrupt, truncated, unsafe or does not fit the architecture."""
 
 

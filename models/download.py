@@ -13,8 +13,10 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
+from harness.cli import UserError
 
-class MissingFileError(FileNotFoundError):
+
+class MissingFileError(UserError):
     """A data or model file is absent and could not be fetched. The message is user-facing."""
 
 
@@ -44,7 +46,7 @@ def download(url: str, dest: Path, sha256: str | None = None, timeout: float = 6
         if sha256 is not None:
             got = sha256_file(tmp)
             if got != sha256:
-                raise ValueError(f"sha256 mismatch for {url}: expected {sha256}, got {got}")
+                raise UserError(f"sha256 mismatch for {url}: expected {sha256}, got {got}")
         os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp):

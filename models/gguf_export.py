@@ -32,6 +32,7 @@ import gguf
 import numpy as np
 import torch
 
+from harness.cli import UserError
 from models.llama import LlamaConfig, rope_frequencies
 
 QTYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
@@ -43,7 +44,7 @@ ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_
 T = gguf.MODEL_TENSOR
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """A model or tokenizer that GGUF (or llama.cpp) cannot represent."""
 
 

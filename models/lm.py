@@ -54,6 +54,7 @@ from dataclasses import dataclass, field  # noqa: E402
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+from harness.cli import UserError
 from models.generate import generate_tokens  # noqa: E402
 
 
@@ -114,7 +115,7 @@ class TorchLM:
         for i, (context, continuation) in enumerate(requests):
             ctx, cont = self._encode_pair(context, continuation)
             if not cont:
-                raise ValueError(f"continuation {continuation!r} is empty after tokenization")
+                raise UserError(f"continuation {continuation!r} is empty after tokenization")
             seq = (ctx + cont)[-(self.max_length + 1):]
             inp = tuple(seq[:-1])
             units.setdefault(inp, _Unit(inp)).targets.append((i, cont))
@@ -128,6 +129,8 @@ class TorchLM:
         units = []
         for i, text in enumerate(texts):
             toks = self._encode(text)
+            if not toks:   # the empty text: log-probability 0, nothing to score
+                continue
             first = min(max_len, len(toks))
             units.append(_Unit(tuple([self.prefix_token] + toks[: first - 1]), [(i, toks[:first])]))
             done = first
@@ -210,14 +213,14 @@ class TorchLM:
 
     def _require_vocabulary_head(self) -> None:
         if self.labels:
-            raise ValueError(f"{self.name} is a classifier ({'/'.join(self.labels)}); it has no "
+            raise UserError(f"{self.name} is a classifier ({'/'.join(self.labels)}); it has no "
                              "vocabulary head to score or generate text with")
 
     def classify(self, texts: Sequence[str], batch_size: int = 16) -> list[list[float]]:
         """Log-probabilities over `self.labels` for each text (classifier checkpoints only)."""
         from models.classifier import class_logits, pad_right
         if not self.labels:
-            raise ValueError(f"{self.name} has no classifier head; score it through loglikelihood")
+            raise UserError(f"{self.name} has no classifier head; score it through loglikelihood")
         encoded = [self._encode(t) for t in texts]
         order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
         out: list[list[float]] = [[] for _ in texts]

@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from harness.cli import UserError
+
 DEFAULT_TARGETS = ("blocks.*",)   # every Linear inside the transformer blocks
 
 
@@ -21,7 +23,7 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__()
         if rank <= 0:
-            raise ValueError(f"LoRA rank must be positive, not {rank}")
+            raise UserError(f"LoRA rank must be positive, not {rank}")
         self.base, self.rank, self.alpha = base, int(rank), float(alpha)
         self.scale = self.alpha / self.rank
         w = base.weight
@@ -68,7 +70,7 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, targets: Sequence[str]
     Other parameters keep their requires_grad: freezing the rest is the caller's choice."""
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and _matches(n, targets)]
     if not names:
-        raise ValueError(f"no nn.Linear layer matches the LoRA targets {list(targets)}")
+        raise UserError(f"no nn.Linear layer matches the LoRA targets {list(targets)}")
     for n in names:
         _set_child(model, n, LoRALinear(model.get_submodule(n), rank, alpha, dropout))
     return names

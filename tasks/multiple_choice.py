@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 from models.lm import LM
 from models.download import sha256_file
-from tasks.base import Metric, Record, Sample, TaskError, text_hash
+from tasks.base import Metric, Record, Sample, TaskError, check_fewshot, check_limit, text_hash
 from tasks.data import local_path
 
 TEMPLATE_VERSION = "multiple_choice/v1"
@@ -172,7 +172,7 @@ class MultipleChoiceTask:
             raise TaskError(f"unknown template {template!r}; choose one of {sorted(TEMPLATES)}")
         if answer_type not in ("label", "index", "text"):
             raise TaskError(f"answer_type must be label, index or text, not {answer_type!r}")
-        self.name, self.num_fewshot, self.limit = name, int(num_fewshot), limit
+        self.name, self.num_fewshot, self.limit = name, check_fewshot(num_fewshot), check_limit(limit)
         self.template, self.description = template, description
         self.fields = dict(question=question, choices=choices if isinstance(choices, str) else list(choices),
                            answer=answer, answer_type=answer_type, labels=labels, id_field=id_field)
@@ -191,9 +191,13 @@ class MultipleChoiceTask:
         out = []
         for lineno, row in read_rows(path, self.format, self.columns):
             try:
-                out.append(self.to_item(row))
+                item = self.to_item(row)
+            except TaskError as e:
+                raise TaskError(f"{path}:{lineno}: {e}") from None
             except (KeyError, IndexError, TypeError, ValueError) as e:
                 raise TaskError(f"{path}:{lineno}: cannot map row ({type(e).__name__}: {e})") from None
+            item.meta["line"] = lineno
+            out.append(item)
         return out
 
     def to_item(self, row: Any) -> Item:
@@ -204,13 +208,18 @@ class MultipleChoiceTask:
         labels = tuple(str(x).strip() for x in get_field(row, f["labels"])) if f["labels"] \
             else tuple(LETTERS[: len(choices)])
         if len(labels) != len(choices) or len(choices) < 2:
-            raise ValueError(f"{len(choices)} choices but {len(labels)} labels")
+            raise TaskError(f"{len(choices)} choices but {len(labels)} labels (at least 2 choices, one label each)")
         answer = get_field(row, f["answer"])
-        gold = {"label": lambda: labels.index(str(answer).strip()),  # ARC: answerKey is "B" or "2"
+        kind = f["answer_type"]
+        if kind == "label" and str(answer).strip() not in labels:   # ARC: answerKey is "B" or "2"
+            raise TaskError(f"answer {answer!r} ({f['answer']}) is not one of the row's labels {', '.join(labels)}")
+        if kind == "text" and str(answer) not in choices:
+            raise TaskError(f"answer {answer!r} ({f['answer']}) is not the text of any of the row's choices")
+        gold = {"label": lambda: labels.index(str(answer).strip()),
                 "index": lambda: int(answer),
-                "text": lambda: choices.index(str(answer))}[f["answer_type"]]()
+                "text": lambda: choices.index(str(answer))}[kind]()
         if not 0 <= gold < len(choices):
-            raise ValueError(f"answer index {gold} out of range")
+            raise TaskError(f"answer index {gold} ({f['answer']}) is out of range for {len(choices)} choices")
         row_id = str(get_field(row, f["id_field"])) if f["id_field"] else None
         return Item(str(get_field(row, f["question"])), choices, labels, gold, {"row_id": row_id})
 
@@ -226,7 +235,17 @@ class MultipleChoiceTask:
                 raise TaskError(f"{self.fewshot_path} has fewer than {self.num_fewshot} few-shot rows")
             sample_id = item.meta["row_id"] or f"{i:05d}-{text_hash(item.question)[:8]}"
             out.append(choice_sample(sample_id, self.template, self.description, shots, item))
+        self._check_unique_ids(out, items)
         return out
+
+    def _check_unique_ids(self, samples: list[Sample], items: list[Item]) -> None:
+        """Sample ids are the resume key: two rows with one id would share one record."""
+        first: dict[str, int] = {}
+        for s, item in zip(samples, items):
+            if s.id in first:
+                raise TaskError(f"{self.path}:{item.meta['line']}: id {s.id!r} ({self.fields['id_field']}) "
+                                f"repeats the row on line {first[s.id]}; ids must be unique (or set id_field: null)")
+            first[s.id] = item.meta["line"]
 
     def score(self, lm: LM, samples: list[Sample]) -> list[Record]:
         return score_choices(lm, samples)

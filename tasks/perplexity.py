@@ -19,7 +19,8 @@ from pathlib import Path
 
 from models.lm import LM
 from models.download import sha256_file
-from tasks.base import Metric, Record, Sample, TaskError, text_hash
+from harness.cli import int_option
+from tasks.base import Metric, Record, Sample, TaskError, check_limit, text_hash
 from tasks.data import local_path, wikitext2_raw
 
 TEMPLATE_VERSION = "perplexity/v1 wikitext=lm-eval-2.0"
@@ -82,6 +83,9 @@ class PerplexityTask:
 
     def __init__(self, dataset: str | None = "wikitext2", path: str | None = None,
                  max_length: int | None = None, stride: int | None = None, limit: int | None = None):
+        limit = check_limit(limit)
+        max_length = int_option(max_length, "task.max_length", minimum=2, allow_none=True)
+        stride = int_option(stride, "task.stride", minimum=1, allow_none=True)
         if path is not None:
             self.file, self.dataset = local_path(path), None
             self.name = f"perplexity:{Path(path).stem}"
@@ -101,6 +105,8 @@ class PerplexityTask:
             raw = self.file.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
             raise TaskError(f"{self.file}: not UTF-8 text ({e})") from None
+        if not raw.strip():
+            raise TaskError(f"{self.file} is empty: there is no text to score; point task.path at a text file")
         if self.dataset == "wikitext2":
             return [(page, wikitext_detokenize(page)) for page in split_wikitext_pages(raw)]
         return [(raw, raw)]

@@ -27,7 +27,7 @@ import numpy as np
 
 from models.lm import LM
 from models.download import sha256_file
-from tasks.base import Metric, Record, Sample, TaskError, text_hash
+from tasks.base import Metric, Record, Sample, TaskError, check_fewshot, check_limit, text_hash
 from tasks.data import local_path, sms_spam_file
 
 LABELS = ("ham", "spam")          # class order of every classifier head this project trains
@@ -133,8 +133,9 @@ class SmsSpamTask:
     def __init__(self, split: str = "test", num_fewshot: int = 0, limit: int | None = None,
                  seed: int = 123, dedupe: bool = True, balance: bool = True,
                  fractions: Sequence[float] = (0.7, 0.1, 0.2), path: str | None = None):
+        limit, num_fewshot = check_limit(limit), check_fewshot(num_fewshot)
         self.data = spam_split(seed, dedupe, balance, fractions, path)
-        self.split, self.num_fewshot, self.limit = split, int(num_fewshot), limit
+        self.split, self.num_fewshot, self.limit = split, num_fewshot, limit
         self.messages = self.data.part(split)[:limit]
         self.shots = fewshot_examples(self.data.train, self.num_fewshot, seed)
         self.version = text_hash(TEMPLATE_VERSION, INSTRUCTION, split, str(self.num_fewshot),

@@ -47,8 +47,14 @@ def test_mmlu_rows_and_resume(tmp_path):
     assert p2.returncode == 0, p2.stderr
     assert "reusing 6 finished records of 6" in p2.stdout + p2.stderr
     assert (run / "records.jsonl").read_bytes() == records
+    # a finished run folder appends nothing new ...
+    assert pd.read_csv(board).equals(df)
+    assert "nothing appended" in p2.stdout + p2.stderr
+    # ... unless asked to: the same values once more, same run id
+    p3 = harness(*MMLU, f"leaderboard={board}", f"hydra.run.dir={run}", "append_again=true")
+    assert p3.returncode == 0, p3.stderr
     df2 = pd.read_csv(board)
-    assert len(df2) == 2 * len(df)
+    assert len(df2) == 2 * len(df) and df2.run_id.nunique() == 1
     assert (df2.value.to_numpy()[len(df):] == df.value.to_numpy()).all()
 
 

@@ -27,6 +27,8 @@ from models.registry import load_model  # noqa: E402
 from tasks.instruction_data import instruction_file, instruction_split  # noqa: E402
 
 from clitools import ENV  # noqa: E402
+
+from harness.cli import UserError
 SMOKE = ["progress=false", "train.limit_train=16", "train.limit_val=4", "train.batch_size=4", "train.max_steps=2",
          "train.limit_test=2", "train.max_new_tokens=8", "train.sample_max_new_tokens=4"]
 
@@ -106,7 +108,7 @@ def test_sequence_logprobs_equal_a_manual_gather(pref_split):
         assert (targets[r] != IGNORE).sum() == len(manual)
         assert math.isclose(float(got["sum"][r]), sum(manual), rel_tol=1e-5)
         assert math.isclose(float(got["mean"][r]), sum(manual) / len(manual), rel_tol=1e-5)
-    with pytest.raises(ValueError, match="logprob_reduction"):
+    with pytest.raises(UserError, match="logprob_reduction"):
         sequence_logprobs(model, inputs, targets, "max")
 
 

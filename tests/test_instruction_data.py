@@ -9,6 +9,8 @@ from tasks.base import TaskError
 from tasks.instruction_data import alpaca_prompt, build_prompt, instruction_file, instruction_split
 from models.tokenizer import gpt2_tokenizer
 
+from harness.cli import UserError
+
 
 def _key(e):
     return e["instruction"].strip(), e["input"].strip()
@@ -54,5 +56,5 @@ def test_alpaca_prompt_is_the_books_format():
     assert "### Input" not in alpaca_prompt({**entry, "input": ""})
     tok = gpt2_tokenizer()                      # no chat template: auto means alpaca
     assert build_prompt(entry, tok) == alpaca_prompt(entry)
-    with pytest.raises(ValueError, match="no chat template"):
+    with pytest.raises(UserError, match="no chat template"):
         build_prompt(entry, tok, "chat")

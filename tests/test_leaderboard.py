@@ -159,6 +159,6 @@ def test_migration_refuses_a_row_wider_than_its_header(tmp_path):
     with open(path, "a") as f:
         f.write(",".join(["x"] * (len(OLD_COLUMNS) + 1)) + "\n")
     before = path.read_bytes()
-    with pytest.raises(LeaderboardError, match="record 3 has 22 cells"):
+    with pytest.raises(LeaderboardError, match="Expected 21 fields in line 3, saw 22"):
         append_rows(path, [_row(0, 0, 0)])
     assert path.read_bytes() == before

@@ -9,6 +9,8 @@ from harness.evaluate import evaluate
 from harness.records import RecordWriter, load_records
 from tasks.base import Metric, Record, Sample
 
+from harness.cli import UserError
+
 
 def rec(i: int) -> Record:
     return Record(sample_id=f"s{i}", prompt_hash="h", prediction=i, target=i, scores={"acc": 1.0})
@@ -61,7 +63,7 @@ def test_whole_unterminated_last_line_is_kept(tmp_path):
 def test_corrupt_middle_line_raises(tmp_path):
     path = tmp_path / "records.jsonl"
     path.write_text(rec(0).to_json() + "\n{not json\n" + rec(1).to_json() + "\n")
-    with pytest.raises(ValueError, match=":2:"):
+    with pytest.raises(UserError, match=":2:"):
         load_records(path)
     assert load_records(tmp_path / "absent.jsonl") == []
 
@@ -104,7 +106,7 @@ def test_busy_run_dir_is_refused(tmp_path):
     fd = os.open(tmp_path / ".lock", os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        with pytest.raises(ValueError, match="in use"):
+        with pytest.raises(UserError, match="in use"):
             evaluate(FakeTask(n=2), None, tmp_path, seed=1)
     finally:
         os.close(fd)

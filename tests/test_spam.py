@@ -22,6 +22,8 @@ from models.lora import LoRALinear, apply_lora, merge_lora  # noqa: E402
 from models.registry import load_lm, load_model  # noqa: E402
 from tasks.base import Record, TaskError  # noqa: E402
 from tasks.sms_spam import (LABELS, SmsSpamTask, confusion_cell, load_sms_spam, prompt,  # noqa: E402
+
+from harness.cli import UserError
                             spam_metrics, spam_split)
 
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
@@ -203,7 +205,7 @@ def test_lora_merge_equals_unmerged():
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
     assert set(model.state_dict()) == set(load_model("llama-tiny")[0].state_dict())
     torch.testing.assert_close(model(x), adapted, rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match="no nn.Linear"):
+    with pytest.raises(UserError, match="no nn.Linear"):
         apply_lora(model, 2, 4, targets=["nothing.*"])
 
 

@@ -14,6 +14,8 @@ import pytest
 from models.download import data_root, models_root
 from models.tokenizer import gguf_tokenizer, gpt2_tokenizer, load_tokenizer
 
+from harness.cli import UserError
+
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXT_FILES = ["pretrain/the-verdict.txt", "pretrain/tinyshakespeare.txt", "wikitext2/raw/wiki.test.raw",
               "sms_spam/SMSSpamCollection"]
@@ -100,7 +102,7 @@ def test_gpt2_special_and_chat():
     tok = gpt2_tokenizer()
     assert tok.encode("<|endoftext|>") == [50256]
     assert tok.decode([50256]) == "<|endoftext|>"
-    with pytest.raises(ValueError, match="has no chat template"):
+    with pytest.raises(UserError, match="has no chat template"):
         tok.apply_chat_template(CHAT)
 
 
@@ -151,7 +153,7 @@ def test_gguf_metadata_special_tokens_and_chat(smol, hf_smol):
 def test_gguf_rejects_unsupported_pre_type():
     from models.tokenizer import _gguf_pre_tokenizer
 
-    with pytest.raises(ValueError, match="'no-such-pre'"):
+    with pytest.raises(UserError, match="'no-such-pre'"):
         _gguf_pre_tokenizer("no-such-pre")
 
 
@@ -179,5 +181,5 @@ def test_save_load_round_trip_gguf(tmp_path, smol):
 
 
 def test_load_tokenizer_empty_folder(tmp_path):
-    with pytest.raises(ValueError, match="neither"):
+    with pytest.raises(UserError, match="neither"):
         load_tokenizer(tmp_path)

@@ -7,14 +7,15 @@ A run stopped by SIGTERM/SIGINT writes its checkpoint and exits with 128 + the s
 """
 import importlib
 import os
-import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
+from harness.cli import UserError, exit_after, run_cli
+from harness.config import rewrite_argv
+
 CONF_DIR = Path(__file__).resolve().parent.parent.parent / "conf"
-_exit = [0]
 
 
 def init_distributed(device: str) -> None:
@@ -36,7 +37,7 @@ def recipe_fn(name: str):
         return importlib.import_module(module).run
     except ModuleNotFoundError as e:
         if e.name and module.startswith(e.name):
-            raise ValueError(f"unknown recipe {name!r}: no module {module}") from None
+            raise UserError(f"unknown recipe {name!r}: no module {module}") from None
         raise
 
 
@@ -46,7 +47,6 @@ def main(cfg: DictConfig) -> None:
 
     import torch.distributed as dist
 
-    from harness.evaluate import _user_errors
     from harness.train.loop import rank_world
     device = str(cfg.device)
     if device == "auto":
@@ -54,41 +54,38 @@ def main(cfg: DictConfig) -> None:
         cfg.device = device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         cfg.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-    try:
+
+    def job() -> int:
         init_distributed(device)
         if rank_world()[0] != 0:
             logging.getLogger("harness").setLevel(logging.WARNING)
         result = recipe_fn(str(cfg.train.recipe))(cfg)
-        if result.get("signal"):
-            _exit[0] = 128 + int(result["signal"])
-    except (*_user_errors(), FloatingPointError) as e:
-        msg = " ".join(str(e).split()) or type(e).__name__
-        if type(e).__name__ == "MissingMandatoryValue":
-            msg = f"missing value for {e.full_key}"
-        logging.getLogger("harness.train").debug("bad input", exc_info=True)
-        if rank_world()[0] == 0:
-            print(f"error: {msg}", file=sys.stderr, flush=True)
-        _exit[0] = 2
-    except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint beyond the last one written
-        print("error: interrupted; output_dir keeps its last checkpoint", file=sys.stderr, flush=True)
-        _exit[0] = 130
+        return 128 + int(result["signal"]) if result.get("signal") else 0
+
+    try:
+        # A second Ctrl-C (the first one writes a checkpoint) ends here: no checkpoint beyond the last.
+        run_cli(job, error_log=_error_log(cfg), interrupted="interrupted; output_dir keeps its last checkpoint")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def check_argv(argv: list[str]) -> None:
-    """An unknown `train=<name>` gets one line instead of Hydra's multi-line report."""
+def _error_log(cfg: DictConfig) -> Path | None:
+    """output_dir/error.log when output_dir holds a run: an error.log alone would make a fresh
+    folder look like someone else's."""
+    out = Path(str(cfg.get("output_dir") or "")).expanduser()
+    return out / "error.log" if str(cfg.get("output_dir") or "") and (out / "run.json").exists() else None
+
+
+def check_argv(argv: list[str]) -> list[str]:
+    """An unknown `train=<name>` gets one line instead of Hydra's multi-line report; `model=<path>`
+    becomes `model=checkpoint model.name=<path>` exactly as in the eval CLI."""
     known = sorted(p.stem for p in (CONF_DIR / "train").glob("*.yaml"))
     for arg in argv:
         if arg.startswith("train=") and arg[6:] not in known:
-            print(f"error: unknown train '{arg[6:]}'; valid: {', '.join(known)}", file=sys.stderr)
-            sys.exit(2)
+            raise UserError(f"unknown train '{arg[6:]}'; valid: {', '.join(known)}")
+    return rewrite_argv(argv)
 
 
 if __name__ == "__main__":
-    check_argv(sys.argv[1:])
-    from harness.evaluate import rewrite_sys_argv
-    rewrite_sys_argv()   # model=<path> -> model=checkpoint model.name=<path>, exactly as the eval CLI does
-    main()
-    sys.exit(_exit[0])
+    exit_after(main, check_argv)

@@ -18,6 +18,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from harness.cli import UserError
 from models.classifier import class_logits, pad_right
 from models.gpt import output_head
 from models.lora import apply_lora, lora_parameters
@@ -58,9 +59,9 @@ def set_trainable(model: nn.Module, trainable_blocks: int | str = 1, lora: dict 
         try:
             n_train = int(trainable_blocks)
         except (TypeError, ValueError):
-            raise ValueError(f"trainable_blocks must be a number of blocks or 'all', not {trainable_blocks!r}") from None
+            raise UserError(f"trainable_blocks must be a number of blocks or 'all', not {trainable_blocks!r}") from None
         if not 0 <= n_train <= n_layers:
-            raise ValueError(f"trainable_blocks={n_train}, but the model has {n_layers} blocks")
+            raise UserError(f"trainable_blocks={n_train}, but the model has {n_layers} blocks")
     for p in model.parameters():
         p.requires_grad_(False)
     for module in [model.head, model.final_norm, *model.blocks[n_layers - n_train:]]:
@@ -73,7 +74,7 @@ def set_trainable(model: nn.Module, trainable_blocks: int | str = 1, lora: dict 
     if lora:
         frozen = n_layers - n_train
         if frozen == 0:
-            raise ValueError("LoRA needs frozen blocks to adapt; use trainable_blocks < all (e.g. 0) with lora")
+            raise UserError("LoRA needs frozen blocks to adapt; use trainable_blocks < all (e.g. 0) with lora")
         # fnmatch patterns over module names; default: every Linear of the frozen blocks
         targets = list(lora.get("targets") or [f"blocks.{i}.*" for i in range(frozen)])
         wrapped = apply_lora(model, int(lora["rank"]), float(lora["alpha"]), targets,
@@ -216,11 +217,11 @@ def run(cfg) -> dict:
     # The data first: a bad label file fails here, before the output folder is touched.
     split = spam_split(int(sp.seed), bool(sp.dedupe), bool(sp.balance), list(sp.fractions), sp.path)
     if not split.train:
-        raise ValueError("the sms_spam train split is empty; check split.fractions")
+        raise UserError("the sms_spam train split is empty; check split.fractions")
     train_ex = split.train[: t.limit_train] if t.get("limit_train") else split.train
     val_ex = split.val[: t.limit_val] if t.get("limit_val") else split.val
     config = OmegaConf.to_container(cfg, resolve=True)
-    run_ = st.check_output(cfg.output_dir, config, bool(cfg.resume), bool(cfg.overwrite), name="classify_spam")
+    run_ = st.check_output(cfg.output_dir, config, cfg.resume, cfg.overwrite, name="classify_spam")
 
     name = str(cfg.model.name)
     model, tokenizer, info = load_model(name)

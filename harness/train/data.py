@@ -17,18 +17,16 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from harness.cli import UserError
+from harness.io import cache_root
 from models.download import data_root, sha256_file
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 CHUNK_CHARS = 1 << 20   # texts are encoded in ~1 MB runs of whole lines (tokenizer threads, bounded memory)
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Unusable training data (missing, empty, too short, not text). The message is user-facing."""
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("HARNESS_CACHE") or Path.home() / ".cache/harness").expanduser()
 
 
 def resolve_files(specs: Sequence[str]) -> list[Path]:

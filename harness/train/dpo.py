@@ -27,6 +27,7 @@ import time
 import torch
 from omegaconf import OmegaConf
 
+from harness.cli import UserError
 from harness.train import data as D
 from harness.train import state as st
 from harness.train.instruct import (Responder, context_cap, describe, finish, limited, load_parent, load_split,
@@ -71,13 +72,13 @@ def run(cfg) -> dict:
     settings = settings_from(cfg)
     beta, reduction = float(t.beta), str(t.logprob_reduction)
     if reduction not in REDUCTIONS:
-        raise ValueError(f"logprob_reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
+        raise UserError(f"logprob_reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
     if beta <= 0:
-        raise ValueError(f"beta must be positive, got {beta}")
+        raise UserError(f"beta must be positive, got {beta}")
     split, data_path = load_split(t, "instruction-data-with-preference.json", PREFERENCE_FIELDS)
     train_entries, val_entries = limited(split.train, t.get("limit_train")), limited(split.val, t.get("limit_val"))
     config = OmegaConf.to_container(cfg, resolve=True)
-    run_ = st.check_output(cfg.output_dir, config, bool(cfg.resume), bool(cfg.overwrite), name="dpo")
+    run_ = st.check_output(cfg.output_dir, config, cfg.resume, cfg.overwrite, name="dpo")
 
     name = str(cfg.model.name)
     model, tokenizer, parent = load_parent(name)

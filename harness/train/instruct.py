@@ -23,6 +23,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
+from harness.cli import UserError
 from harness.train import data as D
 from harness.train import state as st
 from harness.train.sft_data import collate_sft, encode_example, encode_prompt, has_target, sft_loss
@@ -56,7 +57,7 @@ def load_parent(name: str):
     from models.registry import load_model
     model, tokenizer, info = load_model(name)
     if model.config.num_classes:
-        raise ValueError(f"{name} is a classifier ({model.config.num_classes} classes); "
+        raise UserError(f"{name} is a classifier ({model.config.num_classes} classes); "
                          "instruction and preference tuning need a vocabulary-head model")
     parent = {"name": name, "checkpoint_sha": info.get("checkpoint_sha"), "provenance": info.get("provenance") or None}
     return model, tokenizer, parent

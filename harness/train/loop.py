@@ -45,12 +45,18 @@ import torch
 import torch.distributed as dist
 
 import harness
+from harness.cli import UserError
 from harness.train import state as st
 from harness.train.common import (LossModule, Signals, first_numel, lr_factor, make_optimizer, rank_world, report,
                                    to_device)
 
 log = logging.getLogger("harness.train")
 PRECISIONS = ("fp32", "bf16-mixed")
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite: a learning rate or data problem the user fixes; the last
+    checkpoint stays."""
 
 
 @dataclass
@@ -79,9 +85,9 @@ class TrainSettings:
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+            raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.grad_accum < 1 or (self.max_steps is not None and self.max_steps < 1):
-            raise ValueError("grad_accum and max_steps must be >= 1")
+            raise UserError("grad_accum and max_steps must be >= 1")
 
 
 def settings_from(cfg) -> TrainSettings:
@@ -113,13 +119,13 @@ def train(model, loss_fn, train_batches, val_batches, settings: TrainSettings, r
     s, (rank, world) = settings, rank_world()
     main, device, out = rank == 0, torch.device(s.device), run.out_dir
     if train_batches.per_epoch < s.grad_accum:
-        raise ValueError(f"the training data makes {train_batches.per_epoch} batches per epoch, fewer than "
+        raise UserError(f"the training data makes {train_batches.per_epoch} batches per epoch, fewer than "
                          f"grad_accum={s.grad_accum}; use more data or a smaller batch")
     total = s.max_steps or max(1, int(s.epochs * train_batches.per_epoch) // s.grad_accum)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError("the model has no trainable parameters")
+        raise UserError("the model has no trainable parameters")
     opt = make_optimizer(model, s, device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, warmup=s.warmup_steps, total=total,
                                                            min_ratio=s.min_lr_ratio))
@@ -253,8 +259,8 @@ def train(model, loss_fn, train_batches, val_batches, settings: TrainSettings, r
             row_time += time.perf_counter() - t_step
             ts["elapsed_s"] += time.perf_counter() - t_step
             if not math.isfinite(step_loss_v):
-                raise FloatingPointError(f"loss is {step_loss_v} at step {step}; lower lr or check the data "
-                                         f"(last checkpoint: {st.last_checkpoint(out)})")
+                raise TrainingDiverged(f"loss is {step_loss_v} at step {step}; lower lr or check the data "
+                                       f"(last checkpoint: {st.last_checkpoint(out)})")
             for k in ("row", "eval"):
                 ts[f"{k}_loss"] += step_loss_v
                 ts[f"{k}_n"] += 1

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from harness.cli import UserError
 from harness.train import data as D
 from harness.train.loop import rank_world, settings_from, train
 from harness.train.state import check_output
@@ -40,7 +41,7 @@ def load_tokenizer_for(spec: str):
         return gpt2_tokenizer()
     path = fetch(spec) if spec in MODELS else Path(spec).expanduser()
     if not path.exists():
-        raise ValueError(f"tokenizer {spec!r}: not gpt2, a model name or an existing path")
+        raise UserError(f"tokenizer {spec!r}: not gpt2, a model name or an existing path")
     return gguf_tokenizer(path) if path.suffix == ".gguf" else load_tokenizer(path)
 
 
@@ -58,7 +59,7 @@ def build(cfg) -> tuple[torch.nn.Module, object, dict | None]:
             try:
                 config = dataclasses.replace(model.config, **overrides)
             except TypeError as e:
-                raise ValueError(f"model.overrides: {e}") from None
+                raise UserError(f"model.overrides: {e}") from None
             state = model.state_dict()
             model = build_model(model.architecture, config)
             load_weights(model, state, str(t.init_from))
@@ -66,22 +67,22 @@ def build(cfg) -> tuple[torch.nn.Module, object, dict | None]:
                   "provenance": info.get("provenance") or None}
         return model, tokenizer, parent
     if want_arch not in NAMED_CONFIGS:
-        raise ValueError(f"model.arch must be one of {', '.join(NAMED_CONFIGS)} (got {want_arch!r})")
+        raise UserError(f"model.arch must be one of {', '.join(NAMED_CONFIGS)} (got {want_arch!r})")
     named = NAMED_CONFIGS[want_arch]
     if t.model.config not in named:
-        raise ValueError(f"unknown {want_arch} config {t.model.config!r}; known: {', '.join(named)}")
+        raise UserError(f"unknown {want_arch} config {t.model.config!r}; known: {', '.join(named)}")
     tokenizer = load_tokenizer_for(str(t.tokenizer))
     config = {**named[t.model.config], "context_length": int(t.context_length),
               "vocab_size": tokenizer.vocab_size, **overrides}
     if config["vocab_size"] < tokenizer.vocab_size:
-        raise ValueError(f"model vocab_size {config['vocab_size']} < the tokenizer's {tokenizer.vocab_size}")
+        raise UserError(f"model vocab_size {config['vocab_size']} < the tokenizer's {tokenizer.vocab_size}")
     try:
         model = build_model(want_arch, config)
     except TypeError as e:
-        raise ValueError(f"model.overrides: {e}") from None
+        raise UserError(f"model.overrides: {e}") from None
     init = t.model.get("init") or "default"
     if init not in ("default", "book"):
-        raise ValueError(f"model.init must be default (the architecture's own) or book, got {init!r}")
+        raise UserError(f"model.init must be default (the architecture's own) or book, got {init!r}")
     if init == "book":
         book_init(model)
     return model, tokenizer, None
@@ -93,7 +94,7 @@ def book_init(model: torch.nn.Module) -> None:
     ch05 numbers show; GPT-2's init (std 0.02) plateaus near train loss 6 on the-verdict. Needs an
     untied head (tie_embeddings: false): N(0, 1) weights as the vocabulary head give huge logits."""
     if getattr(model, "head", None) is None:
-        raise ValueError("model.init=book needs model.overrides.tie_embeddings=false (the book's separate out_head)")
+        raise UserError("model.init=book needs model.overrides.tie_embeddings=false (the book's separate out_head)")
     for module in model.modules():
         if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
             module.reset_parameters()
@@ -114,12 +115,12 @@ def run(cfg) -> dict:
     rank, world = rank_world()
     settings = settings_from(cfg)
     config = OmegaConf.to_container(cfg, resolve=True)
-    run_ = check_output(cfg.output_dir, config, bool(cfg.resume), bool(cfg.overwrite), name=str(t.recipe))
+    run_ = check_output(cfg.output_dir, config, cfg.resume, cfg.overwrite, name=str(t.recipe))
     torch.manual_seed(settings.seed)   # the same initial weights for the same seed
     model, tokenizer, parent = build(cfg)
     ctx, stride = int(t.context_length), int(t.stride or t.context_length)
     if ctx > model.config.context_length:
-        raise ValueError(f"context_length {ctx} exceeds the model's context ({model.config.context_length})")
+        raise UserError(f"context_length {ctx} exceeds the model's context ({model.config.context_length})")
     files = D.resolve_files(list(t.data) if OmegaConf.is_list(t.data) else [str(t.data)])
     tokens, infos = D.token_cache(files, tokenizer, t.cache_dir, write=rank == 0)
     train_tok, val_tok = D.split(tokens, float(t.val_fraction))

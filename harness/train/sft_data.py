@@ -17,6 +17,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from harness.cli import UserError
+
 IGNORE = -100   # cross_entropy's ignore_index: padding (and prompt tokens with mask_prompt)
 
 
@@ -73,7 +75,7 @@ def sft_loss(model, batch: dict) -> torch.Tensor:
     (= cross_entropy(logits, targets, ignore_index=-100) on the full logits)."""
     logits, targets, _ = _target_logits(model, batch["inputs"], batch["targets"])
     if targets.numel() == 0:
-        raise ValueError("a batch has no unmasked target (every response cut off by max_length); raise max_length")
+        raise UserError("a batch has no unmasked target (every response cut off by max_length); raise max_length")
     return F.cross_entropy(logits, targets)
 
 
@@ -84,7 +86,7 @@ def sequence_logprobs(model, inputs: torch.Tensor, targets: torch.Tensor, reduct
     """Per-row log-probability of the unmasked targets [B]: their sum, or their mean (the book's DPO
     `compute_logprobs` with a selection mask)."""
     if reduction not in REDUCTIONS:
-        raise ValueError(f"logprob_reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
+        raise UserError(f"logprob_reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
     logits, tgt, rows = _target_logits(model, inputs, targets)
     token_lp = logits.log_softmax(-1).gather(-1, tgt[:, None]).squeeze(-1)
     total = torch.zeros(inputs.shape[0], dtype=token_lp.dtype, device=token_lp.device).index_add(0, rows, token_lp)

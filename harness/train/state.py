@@ -12,6 +12,7 @@ is read back with torch.load(weights_only=True).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -22,15 +23,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from harness.cli import UserError, bool_option
+from harness.io import write_atomic, write_json
 from models.checkpoint import load_native, load_weights, save_checkpoint
 
 RUN_FILE, LAST, STATE_FILE, METRICS = "run.json", "last", "trainer_state.pt", "metrics.jsonl"
 TMP = ".tmp-"
+log = logging.getLogger("harness.train")
 # Keys that do not change what a run computes: they may differ between a run and its resumption.
 OPERATIONAL_KEYS = ("resume", "overwrite", "stop_at_step", "progress")
 
 
-class RunError(ValueError):
+class RunError(UserError):
     """The output folder cannot be used as asked. The message is user-facing."""
 
 
@@ -61,14 +65,25 @@ def last_checkpoint(out_dir: Path) -> Path | None:
     return None
 
 
-def check_output(out_dir: str | Path, config: dict, resume: bool, overwrite: bool, name: str = "run") -> Run:
-    """Decide what to do with `out_dir` without writing anything (every DDP rank calls this)."""
+def check_output(out_dir: str | Path, config: dict, resume: bool | str, overwrite: bool, name: str = "run") -> Run:
+    """Decide what to do with `out_dir` without writing anything (every DDP rank calls this).
+    resume: true (continue the run there, or start one with a warning when there is none), false,
+    or "must" (refuse when there is nothing to continue)."""
+    if resume not in (True, False, "must"):
+        raise RunError(f"resume={resume!r}: expected true, false or must")
+    overwrite = bool_option(overwrite, "overwrite")
     out_dir = Path(out_dir).expanduser().resolve()
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     fresh = Run(out_dir, f"{name}-{stamp}-{os.urandom(3).hex()}", config)
     if out_dir.exists() and not out_dir.is_dir():
         raise RunError(f"output_dir {out_dir} is a file, not a folder")
     if not out_dir.exists() or not any(out_dir.iterdir()):
+        if resume == "must":
+            raise RunError(f"resume=must, but output_dir {out_dir} holds no run to continue; check the path "
+                           "or drop resume to start a new run")
+        if resume and not overwrite:
+            log.warning("resume=true, but output_dir %s holds no run: starting from scratch "
+                        "(resume=must refuses instead)", out_dir)
         return fresh
     if not (out_dir / RUN_FILE).exists():
         raise RunError(f"output_dir {out_dir} is not empty and holds no training run; choose another output_dir")
@@ -160,13 +175,7 @@ def publish_final(out_dir: Path, model, tokenizer, provenance: dict, labels=None
 # --- metrics and the loss curve --------------------------------------------------------------------
 
 def write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{TMP}{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj) -> None:
-    write_text(path, json.dumps(obj, indent=1, default=str) + "\n")
+    write_atomic(path, text.encode("utf-8"))
 
 
 def append_metrics(out_dir: Path, row: dict) -> None:
