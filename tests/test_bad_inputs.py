@@ -1,0 +1,244 @@
+"""The catalogue of bad inputs and faults, through the real CLIs in subprocesses.
+
+Every case ends the same way: exit status 2, exactly one `error:` line on stderr (saying what is
+wrong and what to do), no traceback, and the leaderboard, the finished run folder and any file the
+case points at byte-identical before and after. Cases that need a running process to misbehave
+(a busy run folder, a signal to the ladder) are separate tests below the table.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from clitools import ENV, ROOT, SHARED
+
+GGUF = SHARED / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+MMLU = ["task=mmlu", "model=gpt-tiny", "task.subjects=[anatomy]", "task.limit=1"]
+
+
+def run(module: str, *args, env=ENV, timeout=300, preexec_fn=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=env, text=True,
+                          capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL, preexec_fn=preexec_fn)
+
+
+def assert_bad_input(p: subprocess.CompletedProcess, *needles: str) -> str:
+    assert p.returncode == 2, f"exit {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr + p.stdout, p.stderr[-3000:]
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
+
+
+def snapshot(*paths: Path) -> dict:
+    """Every file under `paths` (byte contents); absent paths count as absent."""
+    out = {}
+    for root in paths:
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+        out[str(root)] = {str(f): f.read_bytes() for f in files if f.name != ".lock"}
+    return out
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A leaderboard with rows and the finished run folder that wrote them."""
+    root = tmp_path_factory.mktemp("world")
+    board, run_dir = root / "lb.csv", root / "done"
+    p = run("harness", *MMLU, f"leaderboard={board}", f"hydra.run.dir={run_dir}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    text = root / "doc.txt"
+    text.write_text("A short document to score.\n")
+    return SimpleNamespace(root=root, board=board, run=run_dir, text=text)
+
+
+def eval_args(w, tmp: Path, *extra) -> list:
+    return [*MMLU, f"leaderboard={w.board}", f"hydra.run.dir={tmp / 'run'}", *extra]
+
+
+def arc_file(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def arc_row(id_: str, answer: str = "A") -> dict:
+    return {"id": id_, "answerKey": answer,
+            "question": {"stem": "Which is a gas?", "choices": [{"label": x, "text": t} for x, t in
+                                                               zip("ABCD", ["oxygen", "iron", "salt", "wood"])]}}
+
+
+def tiny_checkpoint(folder: Path) -> Path:
+    """A real gpt-tiny checkpoint folder (model.safetensors, config.json, tokenizer, provenance)."""
+    code = ("import sys; from models.registry import load_model; from models.checkpoint import save_checkpoint; "
+            "m, t, _ = load_model('gpt-tiny'); save_checkpoint(sys.argv[1], m, t, {'id': 'tiny'})")
+    subprocess.run([sys.executable, "-c", code, str(folder)], cwd=ROOT, env=ENV, check=True, timeout=120)
+    return folder
+
+
+def mmlu_with_short_dev(tmp: Path) -> dict:
+    """HARNESS_DATA holding MMLU anatomy whose dev file has one row."""
+    data = tmp / "data"
+    (data / "mmlu" / "val").mkdir(parents=True)
+    for split in ("test", "dev"):
+        (data / "mmlu" / split).mkdir(parents=True)
+        src = Path(ENV["HARNESS_DATA"]) / "mmlu" / split / f"anatomy_{split}.csv"
+        lines = src.read_text().splitlines(keepends=True)
+        (data / "mmlu" / split / src.name).write_text("".join(lines[:1] if split == "dev" else lines[:3]))
+    return dict(ENV, HARNESS_DATA=str(data))
+
+
+# --- the table: name -> (module, args, what the line must say[, env]) built from (world, tmp_path) ---------
+
+def _cases(w, tmp: Path) -> dict:
+    folder = tmp / "a_folder"
+    folder.mkdir()
+    gguf_folder = tmp / "a_folder.gguf"
+    gguf_folder.mkdir()
+    empty = tmp / "empty.txt"
+    empty.write_text("")
+    corrupt_board = tmp / "corrupt.csv"
+    corrupt_board.write_bytes(w.board.read_bytes() + b'2026-01-01,"unterminated,quote\n')
+    pickled = tmp / "pickled"
+    pickled.mkdir()
+    (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04K\x01.")
+    truncated_gguf = tmp / "truncated.gguf"
+    truncated_gguf.write_bytes(GGUF.read_bytes()[:4096] if GGUF.exists() else b"GGUF\x03\x00\x00\x00junk")
+    ppl = ["task=perplexity", "model=gpt-tiny", f"leaderboard={w.board}", f"hydra.run.dir={tmp / 'run'}"]
+    arc = ["task=arc_easy", "model=gpt-tiny", f"leaderboard={w.board}", f"hydra.run.dir={tmp / 'run'}"]
+    corrupt_run = tmp / "corrupt_run"
+    shutil.copytree(w.run, corrupt_run)
+    records = corrupt_run / "records.jsonl"
+    records.write_text("{not json\n" + records.read_text())
+    return {
+        # configuration values
+        "unknown_task": ("harness", ["task=nope", f"leaderboard={w.board}"], ["unknown task 'nope'", "mmlu"]),
+        "unknown_model": ("harness", ["model=nope", f"leaderboard={w.board}"], ["unknown model 'nope'"]),
+        "seed_not_a_number": ("harness", eval_args(w, tmp, "seed=abc"), ["seed='abc'", "whole number"]),
+        "limit_negative": ("harness", eval_args(w, tmp, "task.limit=-3"), ["task.limit=-3", "0 or more"]),
+        "limit_text": ("harness", eval_args(w, tmp, "task.limit=abc"), ["task.limit='abc'"]),
+        "limit_fraction": ("harness", eval_args(w, tmp, "task.limit=2.5"), ["task.limit=2.5"]),
+        "num_fewshot_negative": ("harness", eval_args(w, tmp, "task.num_fewshot=-1"), ["task.num_fewshot=-1"]),
+        "chunk_size_zero": ("harness", eval_args(w, tmp, "chunk_size=0"), ["chunk_size=0", "1 or more"]),
+        "contamination_ngram_negative": ("harness", eval_args(w, tmp, "contamination_ngram=-2"),
+                                         ["contamination_ngram=-2"]),
+        "append_again_not_bool": ("harness", eval_args(w, tmp, "append_again=maybe"), ["append_again", "true or false"]),
+        "stride_zero": ("harness", [*ppl, f"task.path={w.text}", "task.stride=0"], ["task.stride=0"]),
+        # data files
+        "perplexity_empty_file": ("harness", [*ppl, f"task.path={empty}"], [str(empty), "empty"]),
+        "task_path_is_a_folder": ("harness", [*ppl, f"task.path={folder}"], [str(folder), "folder"]),
+        "duplicate_sample_ids": ("harness", [*arc, f"task.path={arc_file(tmp / 'dup.jsonl', [arc_row('q1'), arc_row('q1')])}"],
+                                 ["dup.jsonl:2", "'q1'", "line 1"]),
+        "answer_not_a_label": ("harness", [*arc, f"task.path={arc_file(tmp / 'label.jsonl', [arc_row('q1', 'E')])}"],
+                               ["label.jsonl:1", "'E'", "not one of the row's labels A, B, C, D"]),
+        "mmlu_fewshot_shortfall": ("harness", eval_args(w, tmp, "task.num_fewshot=2"),
+                                   ["anatomy_dev.csv has 1 rows", "task.fewshot_shortfall=allow"],
+                                   mmlu_with_short_dev(tmp)),
+        "corrupt_records": ("harness", [*MMLU, f"leaderboard={w.board}", f"hydra.run.dir={corrupt_run}"],
+                            ["records.jsonl:1", "corrupt record"]),
+        # leaderboard
+        "leaderboard_is_a_folder": ("harness", [*MMLU, f"leaderboard={folder}", f"hydra.run.dir={tmp / 'run'}"],
+                                    ["is a folder"]),
+        "leaderboard_under_a_file": ("harness", [*MMLU, f"leaderboard={w.text}/lb.csv", f"hydra.run.dir={tmp / 'run'}"],
+                                     ["is a file, not a folder"]),
+        "leaderboard_corrupt_body": ("harness", [*MMLU, f"leaderboard={corrupt_board}", f"hydra.run.dir={tmp / 'run'}"],
+                                     ["corrupt.csv cannot be read", "EOF inside string"]),
+        "render_corrupt_leaderboard": ("harness.leaderboard", [f"leaderboard={corrupt_board}", f"out_dir={tmp / 'out'}"],
+                                       ["corrupt.csv"]),
+        # model files
+        "pickle_checkpoint": ("harness", [*MMLU[:1], f"model={pickled}", *eval_args(w, tmp)[2:]], ["pickle"]),
+        "truncated_gguf": ("harness", [*MMLU[:1], f"model={truncated_gguf}", *eval_args(w, tmp)[2:]], ["truncated"]),
+        # the other entry points
+        "train_unknown_recipe": ("harness.train", ["train=nope"], ["unknown train 'nope'"]),
+        "train_resume_must_without_a_run": ("harness.train", ["train=pretrain_tiny", "resume=must",
+                                                              f"output_dir={tmp / 'nothing_here'}"], ["resume=must"]),
+        "train_resume_not_bool": ("harness.train", ["train=pretrain_tiny", "resume=maybe",
+                                                    f"output_dir={tmp / 'nothing_here'}"], ["resume='maybe'"]),
+        "compare_out_is_a_folder": ("harness.compare", [f"a={w.run}", f"b={w.run}", f"out={folder}"], ["is a folder"]),
+        "compare_missing_b": ("harness.compare", [f"a={w.run}"], ["missing value for b"]),
+        "serve_port_not_a_number": ("harness.serve", ["model=gpt-tiny", "port=abc"], ["port='abc'"]),
+        "serve_port_out_of_range": ("harness.serve", ["model=gpt-tiny", "port=99999"], ["port=99999"]),
+        "export_out_is_a_folder": ("harness.export", ["model=gpt-tiny", f"out={gguf_folder}"], ["is a folder"]),
+    }
+
+
+CASE_NAMES = [
+    "unknown_task", "unknown_model", "seed_not_a_number", "limit_negative", "limit_text", "limit_fraction",
+    "num_fewshot_negative", "chunk_size_zero", "contamination_ngram_negative", "append_again_not_bool",
+    "stride_zero", "perplexity_empty_file", "task_path_is_a_folder", "duplicate_sample_ids",
+    "answer_not_a_label", "mmlu_fewshot_shortfall", "corrupt_records", "leaderboard_is_a_folder",
+    "leaderboard_under_a_file", "leaderboard_corrupt_body", "render_corrupt_leaderboard", "pickle_checkpoint",
+    "truncated_gguf", "train_unknown_recipe", "train_resume_must_without_a_run", "train_resume_not_bool",
+    "compare_out_is_a_folder", "compare_missing_b", "serve_port_not_a_number", "serve_port_out_of_range",
+    "export_out_is_a_folder",
+]
+
+
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_bad_input_is_one_line_exit_2_and_nothing_changes(name, world, tmp_path):
+    cases = _cases(world, tmp_path)
+    assert set(cases) == set(CASE_NAMES)
+    module, args, needles, *env = cases[name]
+    paths = [a.split("=", 1) for a in map(str, args) if "=" in a and not a.startswith("hydra.")]
+    watched = [world.board, world.run, *(Path(v) for _, v in paths if v.startswith("/"))]
+    before = snapshot(*watched)
+    p = run(module, *args, env=env[0] if env else ENV)
+    assert_bad_input(p, *needles)
+    assert snapshot(*watched) == before
+    assert not list(tmp_path.rglob(".*.tmp")), "a temporary file was left behind"
+
+
+# --- cases that need a process to misbehave ----------------------------------------------------
+
+def test_mmlu_fewshot_shortfall_allowed_records_the_real_count(tmp_path):
+    board = tmp_path / "lb.csv"
+    p = run("harness", *MMLU, "task.num_fewshot=2", "task.fewshot_shortfall=allow", f"leaderboard={board}",
+            f"hydra.run.dir={tmp_path / 'run'}", env=mmlu_with_short_dev(tmp_path))
+    assert p.returncode == 0, p.stderr[-3000:]
+    import pandas as pd
+    assert set(pd.read_csv(board).num_fewshot) == {1}
+
+
+def test_busy_run_folder_is_refused_before_the_model_loads(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        # a model path that does not exist: had the model been loaded first, the error would name it
+        p = run("harness", "task=mmlu", f"model={tmp_path / 'never_loaded'}", f"leaderboard={tmp_path / 'lb.csv'}",
+                f"hydra.run.dir={run_dir}")
+    finally:
+        os.close(fd)
+    assert_bad_input(p, "in use by another harness process")
+    assert not (tmp_path / "lb.csv").exists()
+
+
+def test_resume_into_an_empty_output_dir_warns_and_starts_fresh(tmp_path):
+    out = tmp_path / "fresh"
+    p = run("harness.train", "train=pretrain_tiny", "train.max_steps=1", "progress=false", "resume=true",
+            f"output_dir={out}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "holds no run: starting from scratch" in p.stdout + p.stderr
+    assert json.loads((out / "provenance.json").read_text())["complete"]
+
+
+def test_read_only_leaderboard_folder_is_refused_before_scoring(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root may write anywhere: a read-only folder cannot be made here")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        p = run("harness", *MMLU, f"leaderboard={ro / 'lb.csv'}", f"hydra.run.dir={tmp_path / 'run'}")
+    finally:
+        ro.chmod(0o755)
+    assert_bad_input(p, "no write permission")
+    assert not (tmp_path / "run" / "records.jsonl").exists()
