@@ -10,18 +10,23 @@ tasks such as `task=instruct`. Prompts and reply parsing live in `harness.judge_
 Outcomes, from the run's point of view:
 - a score, or an *unscored* Grade (score None, `error` says why: "unparseable reply", "timeout
   after 4 attempts"). A sample is never given a zero for a bad reply and never dropped;
-- connection errors, timeouts, malformed responses and 5xx are retried `retries` times with
-  exponential backoff (`backoff_s`, 2x, 4x, ...); after that the sample is unscored and the run goes
-  on. Once two samples in a row have used up their retries the server is taken to be down: later
-  samples get one attempt each until one succeeds, so a dead server costs one timeout per sample;
-- configuration errors stop the run with one line (`JudgeConfigError`, a ValueError, so the CLI
-  prints `error: ...` and exits 2): no server at `judge.host` when the run starts, a judge model the
-  server does not have (`ollama pull <model>`), another 4xx.
+- connection errors, timeouts, malformed responses and 5xx (but 501) are retried `retries` times
+  with exponential backoff (`backoff_s`, 2x, 4x, ...); after that the sample is unscored with
+  `transient=True` (the judge, not its reply, failed: a rerun of the same run folder asks again)
+  and the run goes on. Once two samples in a row have used up their retries the server is taken
+  to be down: later samples get one attempt each until one succeeds, so a dead server costs one
+  timeout per sample. A reply without a score is final (`transient=False`);
+- configuration errors stop the run with one line (`JudgeConfigError`, so the CLI prints
+  `error: ...` and exits 2): an unparsable `judge.host` (at construction, before any model loads;
+  `harness.judge_host`), no server there when the run starts, a server there that is not Ollama
+  (judged by its GET /api/version), a judge model the server does not have (`ollama pull
+  <model>`), another 4xx.
 
 Every reply is cached on disk (`$HARNESS_CACHE/judge`, default `~/.cache/harness/judge`), one file
 per key, written atomically. The key is sha256 over judge model, its digest, style, options,
 format and the full prompt, so re-judging the same responses asks the server nothing. Unparseable
-replies are cached too (temperature 0 gives the same reply again); failed requests are not.
+replies are cached too (temperature 0 gives the same reply again); failed requests never are, so
+a rerun after an outage asks the server again.
 """
 from __future__ import annotations
 
@@ -37,8 +42,9 @@ from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 from harness.cli import UserError
+from harness.io import cache_root, write_atomic
+from harness.judge_host import bad_host, check_host, excerpt, not_ollama
 from harness.judge_prompts import JudgeStyle, get_style, parse_reply, render
-from harness.leaderboard import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +59,7 @@ class Grade:
     parse: str | None                # "strict" | "fallback" | None
     error: str | None = None         # why unscored
     cached: bool = False             # the reply came from the on-disk cache
+    transient: bool = False          # unscored because requests failed (not a bad reply): worth a retry
 
 
 class Judge(Protocol):
@@ -77,13 +84,17 @@ class JudgeConfigError(UserError):
 class _Exhausted(Exception):
     """A request failed `attempts` times with transient errors; the sample becomes unscored."""
 
+    def __init__(self, message: str, answered: bool):
+        super().__init__(message)
+        self.answered = answered     # the server sent something back (5xx, a non-Ollama body)
+
 
 def _sha(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("HARNESS_CACHE") or Path.home() / ".cache/harness").expanduser() / "judge"
+    return cache_root() / "judge"
 
 
 class ReplyCache:
@@ -120,6 +131,7 @@ class OllamaJudge:
         if int(retries) < 0 or int(concurrency) < 1 or float(timeout) <= 0:
             raise JudgeConfigError(f"judge needs retries >= 0, concurrency >= 1 and timeout > 0 "
                                    f"(got {retries}, {concurrency}, {timeout})")
+        check_host(host)                       # a typo in judge.host stops the run before any model loads
         self.host, self.model, self.timeout = str(host), str(model), float(timeout)
         self._style: JudgeStyle = get_style(style)
         self.style = self._style.name
@@ -130,8 +142,11 @@ class OllamaJudge:
         self.format = self._style.json_schema if self.json_format else None
         self.cache = ReplyCache(cache_dir or default_cache_dir()) if cache else None
         # A host that drops packets fails within 10 s per attempt instead of the full reply timeout.
-        self._client = ollama.Client(host=self.host,
-                                     timeout=httpx.Timeout(self.timeout, connect=min(self.timeout, 10.0)))
+        try:
+            self._client = ollama.Client(host=self.host,
+                                         timeout=httpx.Timeout(self.timeout, connect=min(self.timeout, 10.0)))
+        except ValueError as e:                # the client's own host parsing, should check_host miss a case
+            raise bad_host(host, str(e)) from None
         logging.getLogger("httpx").setLevel(logging.WARNING)   # not one log line per judge request
         self._digest: str | None = None
         self._lock = threading.Lock()
@@ -157,6 +172,8 @@ class OllamaJudge:
         try:
             listing = self._with_retries(self._client.list, self.retries + 1)
         except _Exhausted as e:
+            if e.answered and (why := self._not_ollama()):
+                raise JudgeConfigError(why) from None
             raise JudgeConfigError(
                 f"cannot reach the judge at judge.host={self.host} ({e}); start Ollama there "
                 "(`ollama serve`) or set judge.host to a running Ollama server") from None
@@ -171,32 +188,40 @@ class OllamaJudge:
         return (f"judge model '{self.model}' not found at judge.host={self.host}{have}: run "
                 f"`ollama pull {self.model}` there, or set judge.model to a model in its /api/tags list")
 
+    def _not_ollama(self) -> str | None:
+        # The ollama client's own httpx.Client: same base URL, headers and proxies as the requests.
+        return not_ollama(self._client._client, self.host, self.timeout)
+
     # -- requests ---------------------------------------------------------------------------------
     def _with_retries(self, call: Callable[[], Any], attempts: int) -> Any:
         import httpx
         from ollama import ResponseError
 
-        reason = "no attempt"
+        reason, answered = "no attempt", False
         for attempt in range(attempts):
             if attempt:
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
             try:
                 return call()
             except ResponseError as e:
-                if e.status_code == 404:
-                    raise JudgeConfigError(self._not_found()) from None
-                if e.status_code < 500 and e.status_code not in (408, 429):
+                # 501 "not implemented" will not change on a retry; it is what a plain web server
+                # answers a POST, so it is told apart from Ollama like a 404.
+                if e.status_code not in (408, 429) and (e.status_code < 500 or e.status_code == 501):
+                    if why := self._not_ollama():
+                        raise JudgeConfigError(why) from None
+                    if e.status_code == 404:
+                        raise JudgeConfigError(self._not_found()) from None
                     raise JudgeConfigError(f"the judge at judge.host={self.host} rejected the request "
-                                           f"(HTTP {e.status_code}: {e.error})") from None
-                reason = f"HTTP {e.status_code}"
+                                           f"(HTTP {e.status_code}: {excerpt(str(e.error))})") from None
+                reason, answered = f"HTTP {e.status_code}", True
             except httpx.TimeoutException:
                 reason = "timeout"
             except (ConnectionError, httpx.TransportError) as e:
                 reason = f"connection error ({type(e).__name__})"
             except ValueError as e:     # a body that is not Ollama's JSON (json / pydantic errors)
-                reason = f"malformed response ({type(e).__name__})"
+                reason, answered = f"malformed response ({type(e).__name__})", True
             log.debug("judge request failed (%s), attempt %d of %d", reason, attempt + 1, attempts)
-        raise _Exhausted(f"{reason} after {attempts} attempt{'s' if attempts > 1 else ''}")
+        raise _Exhausted(f"{reason} after {attempts} attempt{'s' if attempts > 1 else ''}", answered)
 
     def _chat(self, messages: list[dict]) -> str:
         def call() -> str:
@@ -225,8 +250,8 @@ class OllamaJudge:
             return Grade(p.score, hit["raw"], prompt_hash, p.parse, p.error, cached=True)
         try:
             raw = self._chat(messages)
-        except _Exhausted as e:
-            return Grade(None, "", prompt_hash, None, str(e))
+        except _Exhausted as e:                          # never cached: a rerun asks again
+            return Grade(None, "", prompt_hash, None, str(e), transient=True)
         p = parse_reply(self._style, raw)
         grade = Grade(p.score, raw, prompt_hash, p.parse, p.error)
         if self.cache:

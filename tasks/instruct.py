@@ -12,6 +12,10 @@ judged on an entry it trained on. Scoring one chunk:
 3. `judge.grade_many` over (Alpaca-formatted instruction + input, reference output, response).
 Each record keeps the prompt, the response, the judge's raw reply, its parse and any error; a reply
 that could not be had or read is *unscored* (score None), counted in n_unscored, never a zero.
+When the judge itself failed (timeouts, connection errors, 5xx after the retries) the record has
+`extra["retry"] = True`: the engine keeps it but scores the sample again when the same run folder
+is rerun. A reply without a readable score is final (`retry` False). When no sample got a score,
+`unscored_reason(records)` is the one line the engine prints instead of appending NaN rows.
 
 Metrics: `score` (mean over scored samples, stderr = sample std / sqrt(n)) and
 `score_ci95_low` / `score_ci95_high`: a 95% percentile bootstrap of the mean (10,000 resamples,
@@ -21,12 +25,15 @@ comparability keys (`judge_model`, `judge_digest` leaderboard columns), read fro
 """
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from typing import Sequence
 
 import numpy as np
 
+from harness.cli import int_option
 from models.lm import LM
-from tasks.base import Metric, Record, Sample, TaskError, text_hash
+from tasks.base import Metric, Record, Sample, TaskError, check_limit, text_hash
 from tasks.instruction_data import (ALPACA_HEADER, ALPACA_STOP, PROMPT_STYLES, alpaca_prompt, build_prompt,
                                     instruction_split, resolve_style, stop_strings)
 from tasks.multiple_choice import mean_metric
@@ -34,6 +41,8 @@ from tasks.multiple_choice import mean_metric
 TEMPLATE_VERSION = "instruct/v1"
 RESPONSE_HEADER = "\n\n### Response:\n"
 BOOTSTRAP_RESAMPLES = 10_000
+
+log = logging.getLogger(__name__)
 
 
 def judge_input(entry: dict) -> str:
@@ -58,14 +67,12 @@ class InstructTask:
                  fractions: Sequence[float] = (0.85, 0.05, 0.10), path: str | None = None):
         if prompt_style not in PROMPT_STYLES:
             raise TaskError(f"prompt_style must be one of {', '.join(PROMPT_STYLES)}, not {prompt_style!r}")
-        if int(max_new_tokens) < 1:
-            raise TaskError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
-        if limit is not None and int(limit) < 0:
-            raise TaskError(f"limit must be a non-negative number of entries or null, not {limit}")
+        max_new_tokens = int_option(max_new_tokens, "task.max_new_tokens", minimum=1)
+        limit = check_limit(limit)
         self.judge, self.split, self.prompt_style = judge, split, prompt_style
         self.max_new_tokens, self.seed = int(max_new_tokens), int(seed)
         data = instruction_split(path, seed, list(fractions))
-        self.entries = data.part(split)[: None if limit is None else int(limit)]
+        self.entries = data.part(split)[:limit]
         self.version = text_hash(TEMPLATE_VERSION, ALPACA_HEADER, prompt_style, *ALPACA_STOP,
                                  str(self.max_new_tokens), judge.style, judge.prompt_template,
                                  split, data.signature)
@@ -100,7 +107,8 @@ class InstructTask:
                        target=s.data["output"], scores={"score": g.score},
                        extra={"prompt": p, "prompt_style": style, "judge_reply": g.raw,
                               "judge_prompt_hash": g.prompt_hash, "parse": g.parse, "error": g.error,
-                              "cached": g.cached, "judge_model": self.judge.model, "judge_digest": digest})
+                              "cached": g.cached, "retry": bool(getattr(g, "transient", False)),
+                              "judge_model": self.judge.model, "judge_digest": digest})
                 for s, p, r, g in zip(samples, prompts, responses, grades)]
 
     def metrics(self, records: list[Record]) -> dict[str, Metric]:
@@ -110,6 +118,9 @@ class InstructTask:
             raise TaskError(f"records here were graded by judge {other[0]!r}, not judge.model="
                             f"{self.judge.model!r}: use a new hydra.run.dir for a different judge")
         self._judges_seen = judges
+        if (failed := sum(bool(r.extra.get("retry")) for r in records)) and len(records) > failed:
+            log.warning("%d of %d samples are unscored because the judge failed (%s); rerun the same "
+                        "hydra.run.dir to retry them", failed, len(records), _reasons(records, True))
         mean = mean_metric([r.scores.get("score") for r in records])
         scored = [r.scores["score"] for r in records if r.scores.get("score") is not None]
         if not scored:
@@ -118,3 +129,35 @@ class InstructTask:
         low, high = bootstrap_ci95(scored, self.seed)
         return {"score": mean, "score_ci95_low": Metric(low, None, mean.n, mean.n_unscored),
                 "score_ci95_high": Metric(high, None, mean.n, mean.n_unscored)}
+
+    def unscored_reason(self, records: list[Record]) -> str | None:
+        """One line saying why no sample got a score, or None when one did (the engine prints it and
+        appends no rows). Judge failures (retry) and replies without a score are told apart, since
+        only the first go away on a rerun."""
+        if any(r.scores.get("score") is not None for r in records):
+            return None
+        if not records:
+            return "there were no samples to judge (task.limit=0 or an empty split)"
+        host = getattr(self.judge, "host", "")
+        failed = [r for r in records if r.extra.get("retry")]
+        unread = len(records) - len(failed)
+        parts = []
+        if failed:
+            every = f"all {len(records)}" if not unread else f"{len(failed)} of {len(records)}"
+            parts.append(f"the judge{f' at judge.host={host}' if host else ''} failed for {every} samples: "
+                         f"{_reasons(records, True)}; rerun the same hydra.run.dir to retry them")
+        if unread:
+            every = f"all {len(records)}" if not failed else f"{unread} of {len(records)}"
+            parts.append(f"judge.model={self.judge.model} answered {every} samples without a readable score: "
+                         f"{_reasons(records, False)} (final; the replies are in records.jsonl, "
+                         "extra.judge_reply: try judge.json_format=true or another judge.model in a new "
+                         "hydra.run.dir)")
+        return "no sample was scored: " + "; ".join(parts)
+
+
+def _reasons(records: list[Record], retry: bool, most: int = 3) -> str:
+    """The commonest errors among unscored records with this retry flag: 'timeout after 4 attempts (5)'."""
+    counts = Counter(r.extra.get("error") or "no reason recorded" for r in records
+                     if r.scores.get("score") is None and bool(r.extra.get("retry")) == retry)
+    top = [f"{reason} ({n})" for reason, n in counts.most_common(most)]
+    return ", ".join(top) + (f" and {len(counts) - most} other reasons" if len(counts) > most else "")

@@ -25,9 +25,15 @@ def offline_judge(tmp_path, **kw) -> OllamaJudge:
     return OllamaJudge(NOWHERE, **kw)
 
 
-def record(i, score, model="judge", digest="sha256:abc"):
+def record(i, score, model="judge", digest="sha256:abc", error=None, retry=False):
     return Record(f"test/{i:04d}", "h", "resp", "ref", {"score": score},
-                  {"judge_model": model, "judge_digest": digest})
+                  {"judge_model": model, "judge_digest": digest, "error": error, "retry": retry})
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    from models.registry import load_lm
+    return load_lm("llama-tiny", progress=False)
 
 
 def test_samples_are_the_held_out_split(tmp_path):
@@ -75,27 +81,73 @@ def test_metrics_mean_interval_and_unscored(tmp_path):
     assert all(math.isnan(v.value) and (v.n, v.n_unscored) == (0, 2) for v in none.values())
 
 
+def test_unscored_reason(tmp_path, caplog):
+    task = InstructTask(offline_judge(tmp_path))
+    assert task.unscored_reason([record(0, None, error="unparseable reply"), record(1, 55.0)]) is None
+    down = [record(i, None, error=e, retry=True) for i, e in
+            enumerate(["timeout after 4 attempts"] * 2 + ["timeout after 1 attempt"] * 3)]
+    assert task.unscored_reason(down) == (
+        f"no sample was scored: the judge at judge.host={NOWHERE} failed for all 5 samples: timeout after "
+        "1 attempt (3), timeout after 4 attempts (2); rerun the same hydra.run.dir to retry them")
+    mixed = down[:2] + [record(7, None, error="unparseable reply"), record(8, None, error="empty reply")]
+    reason = task.unscored_reason(mixed)
+    assert "failed for 2 of 4 samples: timeout after 4 attempts (2); rerun the same hydra.run.dir" in reason
+    assert "judge.model=judge answered 2 of 4 samples without a readable score: " in reason
+    assert "unparseable reply (1), empty reply (1) (final;" in reason and "\n" not in reason
+    assert "no samples to judge" in task.unscored_reason([])
+    with caplog.at_level("WARNING", logger="tasks.instruct"):       # a partial outage is not silent
+        task.metrics(down[:2] + [record(5, 80.0)])
+    assert "2 of 3 samples are unscored because the judge failed" in caplog.text
+
+
 def test_metrics_refuse_records_of_another_judge(tmp_path):
     task = InstructTask(offline_judge(tmp_path))
     with pytest.raises(TaskError, match="graded by judge 'llama3.1:8b'.*new hydra.run.dir"):
         task.metrics([record(0, 50.0), record(1, 70.0, model="llama3.1:8b")])
 
 
-def test_score_with_garbage_judge_keeps_every_sample(tmp_path):
-    from models.registry import load_lm
-
+def test_score_with_garbage_judge_keeps_every_sample(tmp_path, tiny_lm):
     server = FakeOllama(lambda n, req: (200, chat_body("Hmm, hard to say.")))
     try:
         judge = OllamaJudge(server.url, model="judge", cache_dir=str(tmp_path / "c"), progress=False)
         task = InstructTask(judge, limit=3, max_new_tokens=4)
-        records = task.score(load_lm("llama-tiny", progress=False), task.samples())
+        records = task.score(tiny_lm, task.samples())
     finally:
         server.kill()
     assert [r.sample_id for r in records] == [s.id for s in task.samples()]
     assert all(r.scores == {"score": None} and r.extra["error"] == "unparseable reply" for r in records)
+    assert all(r.extra["retry"] is False for r in records)          # the judge answered: final
+    assert task.unscored_reason(records).startswith(
+        "no sample was scored: judge.model=judge answered all 3 samples without a readable score: "
+        "unparseable reply (3) (final;")
     assert all(r.extra["prompt_style"] == "alpaca" and "### Response:" in r.extra["prompt"] for r in records)
     m = task.metrics(records)
     assert (m["score"].n, m["score"].n_unscored) == (0, 3) and task.judge_digest == "d1g35tjudge:latest"
+
+
+def test_judge_outage_marks_retry_and_a_rerun_scores(tmp_path, tiny_lm):
+    state = {"down": True}
+    server = FakeOllama(lambda n, req: (503, b'{"error": "busy"}') if state["down"] else (200, chat_body("64")))
+    try:
+        def task():
+            judge = OllamaJudge(server.url, model="judge", cache_dir=str(tmp_path / "c"), progress=False,
+                                retries=1, backoff_s=0.01)
+            return InstructTask(judge, limit=3, max_new_tokens=4)
+        first = task()
+        records = first.score(tiny_lm, first.samples())
+        assert all(r.scores == {"score": None} and r.extra["retry"] is True for r in records)
+        assert [r.extra["error"] for r in records] == ["HTTP 503 after 2 attempts"] * 2 + ["HTTP 503 after 1 attempt"]
+        assert first.unscored_reason(records) == (
+            f"no sample was scored: the judge at judge.host={server.url} failed for all 3 samples: HTTP 503 "
+            "after 2 attempts (2), HTTP 503 after 1 attempt (1); rerun the same hydra.run.dir to retry them")
+        state["down"] = False                # what the engine does on a rerun: score those samples again
+        second = task()
+        again = second.score(tiny_lm, second.samples())
+    finally:
+        server.kill()
+    assert [r.sample_id for r in again] == [r.sample_id for r in records]
+    assert all(r.scores == {"score": 64} and r.extra["retry"] is False and not r.extra["cached"] for r in again)
+    assert second.unscored_reason(again) is None and second.metrics(again)["score"].value == 64
 
 
 def test_score_with_real_model_and_judge(ollama_server, smollm2_lm, tmp_path):
@@ -150,6 +202,17 @@ def test_cli_end_to_end_resume_and_cache(ollama_server, tmp_path):
         assert len(df) == 9 and df[df.metric == "score"].value.nunique(dropna=False) == 1
     finally:
         proxy.close()
+
+
+def test_cli_bad_judge_host_stops_before_the_model_loads(tmp_path):
+    # the checkpoint does not exist: had the model been loaded first, that would be the error
+    env = dict(ENV, HARNESS_CACHE=str(tmp_path / "cache"))
+    p = subprocess.run([sys.executable, "-m", "harness", "task=instruct", "model=checkpoint",
+                        f"model.name={tmp_path / 'no-such-checkpoint'}", "judge.host=notaurl::::",
+                        f"hydra.run.dir={tmp_path / 'run'}", f"leaderboard={tmp_path / 'lb.csv'}"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert_one_error_line(p, "judge.host='notaurl::::'", "a valid value looks like http://127.0.0.1:11434")
+    assert "no-such-checkpoint" not in p.stderr and not (tmp_path / "lb.csv").exists()
 
 
 def test_cli_unknown_judge_model(ollama_server, tmp_path):

@@ -7,17 +7,19 @@ the cache's zero-request re-run) goes through the project's real Ollama-compatib
 """
 from __future__ import annotations
 
+import functools
 import json
 import socket
 import threading
 import time
 import urllib.error
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from harness.judge import Grade, JudgeConfigError, OllamaJudge
+from harness.cli import UserError
 from harness.judge_prompts import get_style, parse_reply
 
 Z, M = get_style("zero_to_hundred"), get_style("mt_bench")
@@ -63,8 +65,9 @@ def chat_body(content: str) -> bytes:
 
 
 class FakeOllama:
-    """Lists `models` at /api/tags; /api/chat answers `behave(n, request)` -> (status, body), or
-    None to drop the connection unanswered. Counts chat requests."""
+    """Lists `models` at /api/tags, answers /api/version like Ollama; /api/chat answers
+    `behave(n, request)` -> (status, body), or None to drop the connection unanswered. Counts chat
+    requests."""
 
     def __init__(self, behave, models=("judge:latest",)):
         self.behave, self.models, self.chat_requests = behave, models, 0
@@ -82,6 +85,8 @@ class FakeOllama:
                 self.wfile.write(body)
 
             def do_GET(self):
+                if self.path == "/api/version":
+                    return self._send(200, b'{"version": "0.0.0-fake"}')
                 tags = [{"model": m, "name": m, "digest": "d1g35t" + m} for m in owner.models]
                 self._send(200, json.dumps({"models": tags}).encode())
 
@@ -129,6 +134,7 @@ def test_slow_server_times_out_then_unscored(fake, tmp_path):
     assert all(g.error == "timeout after 2 attempts" for g in grades[:2])
     # two samples in a row used up their retries: the server is taken to be down, one try each
     assert grades[2].error == "timeout after 1 attempt" and server.chat_requests == 5
+    assert all(g.transient for g in grades)                   # the judge failed, not its reply: retry
     assert time.perf_counter() - t0 < 3
     assert not list((tmp_path / "cache").rglob("*.json"))     # failures are not cached
 
@@ -138,8 +144,9 @@ def test_garbage_replies_are_unscored_and_cached(fake, tmp_path):
     grades = judge_for(server.url, tmp_path).grade_many(ITEMS)
     assert len(grades) == len(ITEMS) and server.chat_requests == len(ITEMS)
     assert all(g.score is None and g.error == "unparseable reply" and "lovely" in g.raw for g in grades)
+    assert not any(g.transient for g in grades)               # a real reply without a score is final
     again = judge_for(server.url, tmp_path).grade_many(ITEMS)      # temperature 0: same reply again
-    assert server.chat_requests == len(ITEMS) and all(g.cached for g in again)
+    assert server.chat_requests == len(ITEMS) and all(g.cached and not g.transient for g in again)
     assert [g.raw for g in again] == [g.raw for g in grades]
 
 
@@ -154,16 +161,18 @@ def test_non_json_body_is_retried_then_unscored(fake, tmp_path):
     server = fake(lambda n, req: (200, b"<html>proxy error</html>"))
     grade = judge_for(server.url, tmp_path, retries=2).grade(*ITEMS[0])
     assert grade.score is None and "malformed response" in grade.error and server.chat_requests == 3
+    assert grade.transient
 
 
 def test_server_errors_are_retried(fake, tmp_path):
     server = fake(lambda n, req: (500, b'{"error": "busy"}') if n < 2 else (200, chat_body("85")))
     grade = judge_for(server.url, tmp_path, retries=3).grade(*ITEMS[0])
     assert (grade.score, grade.parse, grade.error, server.chat_requests) == (85, "strict", None, 3)
+    assert not grade.transient
     assert server.chat_requests == 3
     too_few = fake(lambda n, req: (503, b'{"error": "busy"}') if n < 2 else (200, chat_body("85")))
     grade = judge_for(too_few.url, tmp_path / "other", retries=1).grade(*ITEMS[0])
-    assert grade.score is None and grade.error == "HTTP 503 after 2 attempts"
+    assert grade.score is None and grade.error == "HTTP 503 after 2 attempts" and grade.transient
 
 
 def test_server_dies_mid_run(fake, tmp_path):
@@ -176,7 +185,24 @@ def test_server_dies_mid_run(fake, tmp_path):
     grades = judge_for(server.url, tmp_path).grade_many(ITEMS)
     assert len(grades) == len(ITEMS)
     assert [g.score for g in grades[:2]] == [60, 61]
-    assert all(g.score is None and "connection error" in g.error for g in grades[2:])
+    assert all(g.score is None and "connection error" in g.error and g.transient for g in grades[2:])
+    assert not any(g.transient for g in grades[:2])
+
+
+def test_outage_is_not_cached_and_a_rerun_scores(fake, tmp_path):
+    state = {"down": True}
+    server = fake(lambda n, req: (503, b'{"error": "overloaded"}') if state["down"] else (200, chat_body("70")))
+    grades = judge_for(server.url, tmp_path).grade_many(ITEMS[:3])
+    assert all(g.score is None and g.transient and g.raw == "" for g in grades)
+    assert not list((tmp_path / "cache").rglob("*.json"))     # an outage is never remembered
+    state["down"] = False                                     # the judge is back: a rerun, a new process
+    before = server.chat_requests
+    again = judge_for(server.url, tmp_path).grade_many(ITEMS[:3])
+    assert [(g.score, g.cached, g.transient) for g in again] == [(70, False, False)] * 3
+    assert server.chat_requests == before + 3
+    assert [g.prompt_hash for g in again] == [g.prompt_hash for g in grades]
+    third = judge_for(server.url, tmp_path).grade_many(ITEMS[:3])   # now the replies are cached
+    assert server.chat_requests == before + 3 and all(g.cached and g.score == 70 for g in third)
 
 
 def test_concurrent_grades_keep_order(fake, tmp_path):
@@ -195,8 +221,66 @@ def test_model_not_found(fake, tmp_path):
         judge_for(server.url, tmp_path).grade(*ITEMS[0])              # listed, but chat says 404
     with pytest.raises(JudgeConfigError, match=r"ollama pull llama3.1:8b.*/api/tags") as e:
         judge_for(server.url, tmp_path, model="llama3.1:8b").grade_many(ITEMS)
-    assert "judge:latest" in str(e.value) and isinstance(e.value, ValueError)
+    assert "judge:latest" in str(e.value) and isinstance(e.value, UserError)
     assert server.chat_requests == 1
+
+
+@pytest.fixture
+def plain_http(tmp_path):
+    """`python -m http.server` on 127.0.0.1 serving an empty folder: 404 for GETs, 501 for POSTs."""
+    root = tmp_path / "www"
+    root.mkdir()
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", root
+    server.shutdown()
+    server.server_close()
+
+
+def test_plain_http_server_is_not_ollama(plain_http, tmp_path):
+    url, _ = plain_http
+    with pytest.raises(JudgeConfigError) as e:
+        judge_for(url, tmp_path).grade_many(ITEMS)            # GET /api/tags: 404 HTML page
+    msg = str(e.value)
+    assert f"judge.host={url} does not speak the Ollama API" in msg and "\n" not in msg
+    assert "GET /api/version answered HTTP 404 'Error response" in msg and "File not found" in msg
+    assert "ollama pull" not in msg and "<" not in msg
+
+
+def test_plain_http_server_with_a_tags_file_fails_at_chat(plain_http, tmp_path):
+    url, root = plain_http                                    # /api/tags is a static file: listing works
+    (root / "api").mkdir()
+    (root / "api" / "tags").write_text(json.dumps({"models": [{"model": "judge:latest", "digest": "d"}]}))
+    judge = judge_for(url, tmp_path, retries=3, backoff_s=1.0)   # a retry would cost seconds
+    t0 = time.perf_counter()
+    with pytest.raises(JudgeConfigError, match=r"does not speak the Ollama API.*HTTP 404") as e:
+        judge.grade(*ITEMS[0])                                # POST /api/chat: 501, not retried
+    assert "ollama pull" not in str(e.value) and time.perf_counter() - t0 < 2
+
+
+@pytest.mark.parametrize("host, why", [
+    ("notaurl::::", "not a port number"), ("", "empty"), (None, "empty"), ("ftp://x", "scheme is 'ftp'"),
+    ("http://127.0.0.1:99999", "not a port number"), ("127.0.0.1:0", "port 0"), ("http://", "neither"),
+    ("http://[::1", "does not parse"), ("http://127.0.0.1:11434?x=1", "query"), ("127.0.0.1 :11434", "whitespace"),
+])
+def test_bad_host_is_one_line_at_construction(host, why):
+    with pytest.raises(JudgeConfigError) as e:
+        OllamaJudge(host)
+    msg = str(e.value)
+    assert msg.startswith(f"judge.host={host!r} is not a judge address") and why in msg
+    assert "a valid value looks like http://127.0.0.1:11434" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("host", ["http://127.0.0.1:11434", "127.0.0.1", ":11434", "localhost:8080",
+                                  "https://127.0.0.1/ollama", "[::1]:11434"])
+def test_good_hosts_construct_without_contacting_anyone(host):
+    assert OllamaJudge(host).host == host
 
 
 def test_unreachable_at_start(tmp_path):
@@ -209,7 +293,7 @@ def test_unreachable_at_start(tmp_path):
 
 
 def test_bad_settings():
-    with pytest.raises(ValueError, match="unknown judge style"):
+    with pytest.raises(UserError, match="unknown judge style"):
         OllamaJudge("http://127.0.0.1:1", style="five_stars")
     with pytest.raises(JudgeConfigError, match="concurrency"):
         OllamaJudge("http://127.0.0.1:1", concurrency=0)
@@ -266,6 +350,7 @@ def test_real_server_grades_and_cache_makes_no_requests(ollama_server, tmp_path,
         assert proxy.counts.get("/api/chat") == 2
         judge = judge_for(proxy.url, tmp_path, **kw)
         assert judge.digest                            # the model's digest from /api/tags
+        assert judge._not_ollama() is None             # harness.serve answers /api/version like Ollama
         second = judge.grade_many(ITEMS[:2])           # a new judge, same cache folder
         assert proxy.counts.get("/api/chat") == 2      # zero chat requests
         assert [(g.score, g.raw, g.prompt_hash) for g in second] == [(g.score, g.raw, g.prompt_hash)
