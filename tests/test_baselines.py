@@ -1,13 +1,20 @@
 """The baseline ladder end to end on tiny models: every rung trains, every model is scored (the
-instruct task judged through a locally served judge), the leaderboard renders, and a second run
-skips every finished stage."""
+instruct task judged by a scripted Ollama-API judge over HTTP: a tiny model as judge answers no
+score, and a run with no scored sample appends nothing), the leaderboard renders, and a second run
+skips every finished stage. The locally served judge (harness.serve) is checked on its own, and a
+SIGTERM to the ladder stops its running stage with a checkpoint instead of orphaning it."""
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pandas as pd
+from ollama import Client
 
 from clitools import ENV, ROOT
+from test_judge import FakeOllama, chat_body
 
 # The ladder of conf/baselines.yaml, shrunk: gpt-tiny as base model and judge, a few steps per rung.
 TINY_LADDER = """
@@ -32,17 +39,22 @@ models: [pretrain, spam, dpo]
 """
 
 
-def ladder(tmp_path, *args):
+def ladder_argv(tmp_path, *args) -> list[str]:
     conf = tmp_path / "conf"
     conf.mkdir(exist_ok=True)
     (conf / "tiny_ladder.yaml").write_text(TINY_LADDER)
-    return subprocess.run([sys.executable, "-m", "harness.baselines", "-cd", str(conf), "-cn", "tiny_ladder",
-                           f"out_dir={tmp_path / 'ladder'}", *args], cwd=ROOT, env=ENV, capture_output=True,
+    return [sys.executable, "-m", "harness.baselines", "-cd", str(conf), "-cn", "tiny_ladder",
+            f"out_dir={tmp_path / 'ladder'}", *args]
+
+
+def ladder(tmp_path, *args):
+    return subprocess.run(ladder_argv(tmp_path, *args), cwd=ROOT, env=ENV, capture_output=True,
                           text=True, timeout=900, stdin=subprocess.DEVNULL)
 
 
 def test_ladder_trains_scores_renders_and_resumes(tmp_path):
-    p = ladder(tmp_path)
+    judge = FakeOllama(lambda n, req: (200, chat_body(str(40 + n % 50))))
+    p = ladder(tmp_path, f"judge.host={judge.url}", "judge.model=judge")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     out = tmp_path / "ladder"
     for rung in ("pretrain", "spam", "instruct", "dpo"):
@@ -63,8 +75,51 @@ def test_ladder_trains_scores_renders_and_resumes(tmp_path):
     assert all(v["cpu_s"] >= 0 and v["wall_s"] > 0 for v in ledger.values())
 
     rows_before = len(board)
-    again = ladder(tmp_path)
+    again = ladder(tmp_path, f"judge.host={judge.url}", "judge.model=judge")
     assert again.returncode == 0, again.stderr[-3000:]
     assert len(pd.read_csv(out / "leaderboard.csv")) == rows_before          # nothing re-scored
     assert "stage train/" not in again.stdout + again.stderr
     assert "skipped" in again.stdout + again.stderr
+
+
+def test_local_judge_serves_the_base_model_over_the_ollama_api():
+    from harness.baselines import local_judge
+
+    with local_judge("gpt-tiny") as (url, name):
+        assert url.startswith("http://127.0.0.1:")
+        client = Client(host=url, timeout=60)
+        assert f"{name}:latest" in [m.model for m in client.list().models]
+        reply = client.chat(model=name, messages=[{"role": "user", "content": "Score: "}],
+                            options={"num_predict": 3, "temperature": 0})
+        assert reply.message.role == "assistant"
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    pids.append(int(pid))
+        except OSError:
+            pass
+    return pids
+
+
+def test_sigterm_stops_the_running_stage_with_a_checkpoint(tmp_path):
+    out = tmp_path / "ladder"
+    argv = ladder_argv(tmp_path, "rungs.pretrain.args=['train.max_steps=100000','progress=false']", "models=[pretrain]")
+    ladder_proc = subprocess.Popen(argv, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True, stdin=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "pretrain" / "run.json").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    assert (out / "pretrain" / "run.json").exists(), "the pretrain stage did not start"
+    time.sleep(1.0)
+    ladder_proc.send_signal(signal.SIGTERM)
+    stdout, stderr = ladder_proc.communicate(timeout=120)
+    assert ladder_proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "SIGTERM during stage train/pretrain" in errors[0], stderr[-3000:]
+    assert (out / "pretrain" / "last" / "trainer_state.pt").exists()      # the stage wrote its checkpoint
+    assert _processes_mentioning(str(out / "pretrain")) == []                # and is gone, not orphaned
