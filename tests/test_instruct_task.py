@@ -165,9 +165,11 @@ def test_score_with_real_model_and_judge(ollama_server, smollm2_lm, tmp_path):
 # --- the CLI ---------------------------------------------------------------------------------------
 
 def instruct_cli(tmp_path, host, model, *extra):
+    # The val split: the 135M judge reads a score in one of its first 3 replies (none on test's),
+    # and a run with no scored sample appends no rows.
     env = dict(ENV, HARNESS_CACHE=str(tmp_path / "cache"))
     args = ["task=instruct", "model=smollm2-135m-instruct", f"judge.host={host}", f"judge.model={model}",
-            "task.limit=3", "task.max_new_tokens=32", f"leaderboard={tmp_path / 'lb.csv'}", *extra]
+            "task.split=val", "task.limit=3", "task.max_new_tokens=32", f"leaderboard={tmp_path / 'lb.csv'}", *extra]
     return subprocess.run([sys.executable, "-m", "harness", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600, stdin=subprocess.DEVNULL)
 
@@ -194,12 +196,13 @@ def test_cli_end_to_end_resume_and_cache(ollama_server, tmp_path):
         assert p.returncode == 0, p.stderr
         assert "reusing 3 finished records of 3" in p.stdout + p.stderr
         assert proxy.counts == before and (run / "records.jsonl").read_bytes() == stored
+        assert len(pd.read_csv(tmp_path / "lb.csv")) == 3                     # a finished run appends once
 
         p = instruct_cli(tmp_path, proxy.url, ollama_server.model, f"hydra.run.dir={tmp_path / 'run2'}")
         assert p.returncode == 0, p.stderr                                   # a new run dir: cache
         assert proxy.counts["/api/chat"] == 3
         df = pd.read_csv(tmp_path / "lb.csv")
-        assert len(df) == 9 and df[df.metric == "score"].value.nunique(dropna=False) == 1
+        assert len(df) == 6 and df[df.metric == "score"].value.nunique(dropna=False) == 1
     finally:
         proxy.close()
 
@@ -219,3 +222,30 @@ def test_cli_unknown_judge_model(ollama_server, tmp_path):
     p = instruct_cli(tmp_path, ollama_server.url, "llama3.1:8b", f"hydra.run.dir={tmp_path / 'run'}")
     assert_one_error_line(p, "ollama pull llama3.1:8b", "judge.model")
     assert not (tmp_path / "lb.csv").exists()
+
+
+def test_cli_judge_outage_appends_nothing_and_a_rerun_scores(tmp_path):
+    state = {"down": True}
+    judge = FakeOllama(lambda n, req: (503, b'{"error": "busy"}') if state["down"] else (200, chat_body("64")))
+    board, run = tmp_path / "lb.csv", tmp_path / "run"
+    args = ["task=instruct", "model=llama-tiny", f"judge.host={judge.url}", "judge.model=judge", "judge.retries=0",
+            "task.limit=2", "task.max_new_tokens=4", f"leaderboard={board}", f"hydra.run.dir={run}"]
+    env = dict(ENV, HARNESS_CACHE=str(tmp_path / "cache"))
+
+    def cli():
+        return subprocess.run([sys.executable, "-m", "harness", *args], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=600, stdin=subprocess.DEVNULL)
+
+    try:
+        p = cli()
+        assert_one_error_line(p, "no sample was scored", "failed for all 2 samples", "rerun the same hydra.run.dir")
+        assert not board.exists() and len(lines((run / "records.jsonl").read_text())) == 2
+        state["down"] = False                              # the judge is back: the same run folder scores
+        p = cli()
+        assert p.returncode == 0, p.stderr[-3000:]
+        row = pd.read_csv(board).set_index("metric").loc["score"]
+        assert (row.value, row.n, row.n_unscored) == (64.0, 2, 0)
+        p = cli()                                          # finished: nothing new to append
+        assert p.returncode == 0 and len(pd.read_csv(board)) == 3
+    finally:
+        judge.kill()
