@@ -117,16 +117,32 @@ def exit_after(main: Callable[[], Any], argv_check: Callable[[list[str]], list[s
         except UserError as e:
             print(f"error: {message(e)}", file=sys.stderr, flush=True)
             sys.exit(BAD_INPUT)
+    from hydra.errors import HydraException
+
     fd, path = tempfile.mkstemp(prefix="harness-exit-status-")
     os.close(fd)
     os.environ[STATUS_FILE_ENV] = path
+    # Hydra then raises a bad override or config group instead of printing several lines and
+    # exiting 1; we print it as one line. A bug inside a job still ends in its full traceback.
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     try:
         main()
         statuses = [int(x) for x in Path(path).read_text().split()]
+    except HydraException as e:
+        print(f"error: {hydra_message(e)}", file=sys.stderr, flush=True)
+        statuses = [BAD_INPUT]
     finally:
         os.unlink(path)
         del os.environ[STATUS_FILE_ENV]
     sys.exit(max(statuses, default=0))
+
+
+def hydra_message(e: BaseException) -> str:
+    """Hydra's multi-line report of a bad override (a misspelt key, broken syntax) as one line."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    cause = str(e.__cause__).splitlines()[0].strip() if e.__cause__ and str(e.__cause__).strip() else ""
+    head = lines[0].rstrip(".") if lines else type(e).__name__
+    return " ".join([head + (f": {cause}" if cause else "") + ".", *lines[1:]])
 
 
 # --- checked config values: one line naming the key instead of a TypeError deep inside -------------

@@ -121,6 +121,8 @@ def _cases(w, tmp: Path) -> dict:
         # configuration values
         "unknown_task": ("harness", ["task=nope", f"leaderboard={w.board}"], ["unknown task 'nope'", "mmlu"]),
         "unknown_model": ("harness", ["model=nope", f"leaderboard={w.board}"], ["unknown model 'nope'"]),
+        "misspelt_key": ("harness", eval_args(w, tmp, "task.limt=3"), ["Could not override 'task.limt'", "+task.limt=3"]),
+        "override_syntax": ("harness", eval_args(w, tmp, "task.limit=["), ["no viable alternative"]),
         "seed_not_a_number": ("harness", eval_args(w, tmp, "seed=abc"), ["seed='abc'", "whole number"]),
         "limit_negative": ("harness", eval_args(w, tmp, "task.limit=-3"), ["task.limit=-3", "0 or more"]),
         "limit_text": ("harness", eval_args(w, tmp, "task.limit=abc"), ["task.limit='abc'"]),
@@ -170,7 +172,7 @@ def _cases(w, tmp: Path) -> dict:
 
 
 CASE_NAMES = [
-    "unknown_task", "unknown_model", "seed_not_a_number", "limit_negative", "limit_text", "limit_fraction",
+    "unknown_task", "unknown_model", "misspelt_key", "override_syntax", "seed_not_a_number", "limit_negative", "limit_text", "limit_fraction",
     "num_fewshot_negative", "chunk_size_zero", "contamination_ngram_negative", "append_again_not_bool",
     "stride_zero", "perplexity_empty_file", "task_path_is_a_folder", "duplicate_sample_ids",
     "answer_not_a_label", "mmlu_fewshot_shortfall", "corrupt_records", "leaderboard_is_a_folder",
