@@ -55,6 +55,8 @@ def main(cfg: DictConfig) -> None:
     if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         cfg.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     try:
+        from models.registry import check_device
+        check_device(str(cfg.device), "device")   # one line naming the devices here, not a CUDA traceback
         init_distributed(device)
         if rank_world()[0] != 0:
             logging.getLogger("harness").setLevel(logging.WARNING)
