@@ -1,7 +1,10 @@
-"""Loading and saving weights: our checkpoint folders, Hugging Face safetensors, and GGUF.
+"""Loading and saving weights: our checkpoint folders, Hugging Face safetensors, and GGUF (read in
+models/gguf_import.py).
 
-Every loader returns (architecture, config dataclass, state_dict in our tensor names). Pickles are
-never loaded: a `.bin`/`.pt`/`.pth` file is refused with a message saying how to convert it.
+Every loader returns (architecture, config, state_dict in our tensor names), and checks the config
+against the tensor shapes in the file's header (models/shapes.py) before it reads any tensor data:
+a config that does not belong to its weights is refused before a model of its size is allocated.
+Pickles are never loaded: a `.bin`/`.pt`/`.pth` file is refused with a message saying how to convert it.
 """
 from __future__ import annotations
 
@@ -11,7 +14,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from harness.cli import UserError
@@ -20,42 +22,54 @@ from models.llama import Llama, LlamaConfig
 
 ARCHITECTURES = {"gpt": (GPTConfig, GPT), "llama": (LlamaConfig, Llama)}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# How to fix a config that does not describe its weights, for the messages below.
+RESTORE_CONFIG = "restore the config.json saved with these weights"
+RESTORE_INDEX = "restore the index written with the shards"
+HF_CONFIG = "use the config.json published with these weights"
 
 
 class CheckpointError(UserError):
     """A model file that is corrupt, truncated, unsafe or does not fit the architecture."""
 
 
-def build_model(architecture: str, config: dict | GPTConfig | LlamaConfig) -> torch.nn.Module:
-    if architecture not in ARCHITECTURES:
-        raise CheckpointError(f"unknown architecture {architecture!r}; known: {', '.join(ARCHITECTURES)}")
-    config_cls, model_cls = ARCHITECTURES[architecture]
-    if isinstance(config, dict):
-        config = config_cls(**config)
-    return model_cls(config)
+def build_model(architecture: str, config: dict | GPTConfig | LlamaConfig,
+                source: str = "model config") -> torch.nn.Module:
+    """A model of `config`, refused with a CheckpointError naming `source` when a size is invalid."""
+    from models.shapes import make_config
+    config = make_config(architecture, config, source)
+    return ARCHITECTURES[architecture][1](config)
 
 
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Strict load with a message that names what does not fit (another architecture's checkpoint)."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
-    if missing or unexpected or wrong:
-        detail = "; ".join(
-            f"{label}: {', '.join(names[:3])}{' …' if len(names) > 3 else ''}"
-            for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if names
-        )
+    from models.shapes import mismatch
+    detail = mismatch(model.state_dict(), state)
+    if detail:
         raise CheckpointError(f"{source} does not fit a {model.architecture} model of this config ({detail})")
     model.load_state_dict(state, strict=True)
 
 
-def _read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def read_json(path: Path, fix: str) -> dict:
+    """A JSON object from `path`, or a CheckpointError naming the file and `fix` (never a JSONDecodeError)."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {path}: {e} (corrupt or truncated?); {fix}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(obj).__name__}, not an object; {fix}")
+    return obj
+
+
+def _read_safetensors(files: list[Path], header_only: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of `files`; header_only: meta tensors of their shapes, read from the headers alone."""
+    from safetensors import safe_open
     state = {}
     for f in files:
         try:
-            state.update(load_file(str(f)))
+            with safe_open(str(f), framework="pt") as st:
+                for k in st.keys():
+                    state[k] = (torch.empty(st.get_slice(k).get_shape(), device="meta") if header_only
+                                else st.get_tensor(k))
         except Exception as e:  # SafetensorError, OSError: truncated or not a safetensors file
             raise CheckpointError(f"cannot read {f}: {e} (truncated or not a safetensors file?)") from None
     return state
@@ -64,8 +78,10 @@ def _read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
 def _safetensors_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [folder / s for s in shards]
+        weight_map = read_json(index, RESTORE_INDEX).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index} has no weight_map of tensor name -> shard file; {RESTORE_INDEX}")
+        return [folder / s for s in sorted(set(weight_map.values()))]
     if (folder / "model.safetensors").exists():
         return [folder / "model.safetensors"]
     pickles = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
@@ -77,14 +93,32 @@ def _safetensors_files(folder: Path) -> list[Path]:
 
 # --- our own checkpoint folder -------------------------------------------------------------------
 
+def _native_meta(folder: Path) -> dict:
+    meta = read_json(folder / "config.json", RESTORE_CONFIG)
+    if not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{folder / 'config.json'} has no \"config\" object (the model's sizes); "
+                              f"{RESTORE_CONFIG}")
+    return meta
+
+
 def read_labels(folder: Path) -> list[str] | None:
-    meta = json.loads((folder / "config.json").read_text())
-    return meta.get("labels")
+    return _native_meta(folder).get("labels")
 
 
-def load_native(folder: Path):
-    meta = json.loads((folder / "config.json").read_text())
-    return meta["architecture"], meta["config"], _read_safetensors(_safetensors_files(folder))
+def load_native(folder: Path, expect: torch.nn.Module | None = None):
+    """(architecture, config, state_dict) of our checkpoint folder. Before any tensor is read, the
+    safetensors header is checked against the config, or against `expect`, the model being resumed
+    (whose `last/` may hold LoRA adapters that its config does not describe)."""
+    from models.shapes import check_fits, mismatch
+    meta, files = _native_meta(folder), _safetensors_files(folder)
+    header, arch = _read_safetensors(files, header_only=True), meta.get("architecture")
+    if expect is None:
+        weights = files[0].name if len(files) == 1 else f"the {len(files)} shards of {folder}"
+        check_fits(arch, meta["config"], header, str(folder / "config.json"), weights, RESTORE_CONFIG)
+    elif detail := mismatch(expect.state_dict(), header):
+        raise CheckpointError(f"{folder} holds a {arch} checkpoint that does not fit the {expect.architecture} "
+                              f"model of this run ({detail})")
+    return arch, meta["config"], _read_safetensors(files)
 
 
 def save_checkpoint(folder: str | Path, model: torch.nn.Module, tokenizer, provenance: dict,
@@ -114,6 +148,11 @@ def save_checkpoint(folder: str | Path, model: torch.nn.Module, tokenizer, prove
         if tmp.exists():
             shutil.rmtree(tmp)
     return folder
+
+
+def float_or_raw(v):
+    """float(v) for a number; anything else unchanged, for make_config to refuse by name."""
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
 
 
 # --- Hugging Face safetensors folders ------------------------------------------------------------
@@ -155,39 +194,74 @@ def convert_hf_llama(hf: dict, n_layers: int, tied: bool) -> dict[str, torch.Ten
     return out
 
 
-def load_hf(folder: Path):
-    cfg = json.loads((folder / "config.json").read_text())
-    state = _read_safetensors(_safetensors_files(folder))
+# Our config keys -> HF config.json's, to name the file's own key when a value is refused.
+GPT2_KEYS = {"vocab_size": "vocab_size", "context_length": "n_positions", "d_model": "n_embd",
+             "n_layers": "n_layer", "n_heads": "n_head"}
+LLAMA_KEYS = {"vocab_size": "vocab_size", "context_length": "max_position_embeddings", "d_model": "hidden_size",
+              "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+              "n_kv_heads": "num_key_value_heads", "d_ff": "intermediate_size", "norm_eps": "rms_norm_eps",
+              "rope_base": "rope_theta"}
+
+
+def _hf_config(folder: Path, cfg: dict) -> tuple[str, dict, object]:
+    """(architecture, our config, converter from HF tensor names to ours) for an HF config.json."""
     kind = cfg.get("model_type")
-    try:
-        if kind == "gpt2":
-            config = dict(vocab_size=cfg["vocab_size"], context_length=cfg["n_positions"], d_model=cfg["n_embd"],
-                          n_layers=cfg["n_layer"], n_heads=cfg["n_head"], norm_eps=cfg.get("layer_norm_epsilon", 1e-5))
-            return "gpt", config, convert_hf_gpt2(state, cfg["n_layer"])
-        if kind in ("llama", "mistral"):
-            # transformers >= 5 writes rope_parameters; older versions rope_theta + rope_scaling.
-            rope = cfg.get("rope_parameters") or {**(cfg.get("rope_scaling") or {}), "rope_theta": cfg.get("rope_theta", 10000.0)}
-            scaling = rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None
-            if scaling and scaling.get("rope_type", scaling.get("type")) != "llama3":
-                raise CheckpointError(f"{folder}: rope_scaling {scaling} is not supported (only llama3)")
-            if scaling:
-                scaling = {k: scaling[k] for k in ("factor", "low_freq_factor", "high_freq_factor")} | {
-                    "original_context_length": scaling["original_max_position_embeddings"]}
-            tied = bool(cfg.get("tie_word_embeddings", False))
-            config = dict(vocab_size=cfg["vocab_size"], context_length=cfg["max_position_embeddings"],
-                          d_model=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
-                          n_heads=cfg["num_attention_heads"],
-                          n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-                          d_ff=cfg["intermediate_size"], rope_base=float(rope.get("rope_theta", 10000.0)),
-                          rope_scaling=scaling, norm_eps=cfg.get("rms_norm_eps", 1e-5),
-                          tie_embeddings=tied, attn_bias=bool(cfg.get("attention_bias", False)))
-            return "llama", config, convert_hf_llama(state, cfg["num_hidden_layers"], tied)
-    except KeyError as e:
-        raise CheckpointError(f"{folder}: tensor or config key {e} missing for a {kind} checkpoint") from None
+    if kind == "gpt2":
+        config = {ours: cfg[theirs] for ours, theirs in GPT2_KEYS.items()}
+        config["norm_eps"] = cfg.get("layer_norm_epsilon", 1e-5)
+        return "gpt", config, lambda state: convert_hf_gpt2(state, config["n_layers"])
+    if kind in ("llama", "mistral"):
+        # transformers >= 5 writes rope_parameters; older versions rope_theta + rope_scaling.
+        rope = cfg.get("rope_parameters") or {**(cfg.get("rope_scaling") or {}), "rope_theta": cfg.get("rope_theta", 10000.0)}
+        scaling = rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None
+        if scaling and scaling.get("rope_type", scaling.get("type")) != "llama3":
+            raise CheckpointError(f"{folder}: rope_scaling {scaling} is not supported (only llama3)")
+        if scaling:
+            scaling = {k: scaling[k] for k in ("factor", "low_freq_factor", "high_freq_factor")} | {
+                "original_context_length": scaling["original_max_position_embeddings"]}
+        tied = bool(cfg.get("tie_word_embeddings", False))
+        n_kv = cfg.get("num_key_value_heads")   # absent: as many as query heads; 0 is refused below
+        config = dict(vocab_size=cfg["vocab_size"], context_length=cfg["max_position_embeddings"],
+                      d_model=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
+                      n_kv_heads=cfg["num_attention_heads"] if n_kv is None else n_kv, d_ff=cfg["intermediate_size"],
+                      rope_base=float_or_raw(rope.get("rope_theta", 10000.0)),
+                      rope_scaling=scaling, norm_eps=cfg.get("rms_norm_eps", 1e-5),
+                      tie_embeddings=tied, attn_bias=bool(cfg.get("attention_bias", False)))
+        return "llama", config, lambda state: convert_hf_llama(state, config["n_layers"], tied)
     raise CheckpointError(f"{folder}: model_type {kind!r} is not supported (gpt2, llama, mistral)")
 
 
-# --- GGUF ----------------------------------------------------------------------------------------
+def load_hf(folder: Path):
+    """(architecture, config, state_dict) of an HF folder; the config is checked against the
+    safetensors header before any tensor is read."""
+    from models.shapes import check_fits, make_config
+    config_file = folder / "config.json"
+    cfg = read_json(config_file, HF_CONFIG)
+    files = _safetensors_files(folder)
+    try:
+        arch, config, convert = _hf_config(folder, cfg)
+    except KeyError as e:
+        raise CheckpointError(f"{config_file}: key {e} missing for a {cfg.get('model_type')} checkpoint") from None
+
+    def converted(state: dict) -> dict:
+        try:
+            return convert(state)
+        except KeyError as e:
+            raise CheckpointError(f"{folder}: tensor {e} missing for a {cfg.get('model_type')} checkpoint "
+                                  f"of the sizes in {config_file.name}") from None
+        except RuntimeError as e:  # torch.cat of q/k/v whose shapes disagree
+            raise CheckpointError(f"{folder}: tensor shapes do not fit {config_file.name} ({e})") from None
+
+    names = (GPT2_KEYS | {"norm_eps": "layer_norm_epsilon"}) if arch == "gpt" else LLAMA_KEYS
+    # The sizes first (a negative n_layer would convert to an empty state), then the header's shapes.
+    make_config(arch, config, str(config_file), names)
+    weights = files[0].name if len(files) == 1 else f"the {len(files)} shards of {folder}"
+    check_fits(arch, config, converted(_read_safetensors(files, header_only=True)), str(config_file), weights,
+               HF_CONFIG, names)
+    return arch, config, converted(_read_safetensors(files))
+
+
+# --- GGUF (the loader itself is models/gguf_import.py) ---------------------------------------------
 
 def open_gguf(path: Path):
     import gguf
@@ -202,97 +276,6 @@ def gguf_field(reader, key: str, default=None):
     return default if field is None else field.contents()
 
 
-def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """llama.cpp's converter interleaves q/k rows for its RoPE; undo it for the half-split layout."""
-    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _gguf_rope_scaling(reader, tensors: dict, config: dict, path: Path) -> dict | None:
-    """Llama-3 RoPE scaling. llama.cpp keeps only per-frequency factors (rope_freqs); files from
-    models/gguf_export.py also carry the parameters (harness.rope_scaling.*), checked against them."""
-    if "rope_freqs.weight" not in tensors:
-        return None
-    from models.llama import rope_frequencies
-    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_context_length")
-    scaling = {k: gguf_field(reader, f"harness.rope_scaling.{k}") for k in keys}
-    if any(v is None for v in scaling.values()):
-        raise CheckpointError(f"{path}: GGUF rope frequency factors (Llama 3.1 long context) are not supported yet")
-    scaling["original_context_length"] = int(scaling["original_context_length"])
-    cfg = LlamaConfig(**config, rope_scaling=scaling)
-    factors = rope_frequencies(LlamaConfig(**config)) / rope_frequencies(cfg)
-    if not np.allclose(tensors["rope_freqs.weight"], factors.numpy(), rtol=1e-5):
-        raise CheckpointError(f"{path}: rope_freqs does not match its harness.rope_scaling parameters")
-    return scaling
-
-
-def _gguf_gpt2(g, tensors: dict, t) -> tuple[str, dict, dict]:
-    """llama.cpp's gpt2 layout: fused attn_qkv, Linear weights [out, in] as ours, biases everywhere."""
-    n_layers, tied = g("block_count"), "output.weight" not in tensors
-    config = dict(vocab_size=int(tensors["token_embd.weight"].shape[0]), context_length=g("context_length"),
-                  d_model=g("embedding_length"), n_layers=n_layers, n_heads=g("attention.head_count"),
-                  norm_eps=float(g("attention.layer_norm_epsilon", 1e-5)), tie_embeddings=tied)
-    state = {"tok_emb.weight": t("token_embd.weight"), "pos_emb.weight": t("position_embd.weight"),
-             "final_norm.weight": t("output_norm.weight"), "final_norm.bias": t("output_norm.bias")}
-    if not tied:
-        state["head.weight"] = t("output.weight")
-    pairs = {"attn_norm": "ln1", "attn_qkv": "attn.qkv", "attn_output": "attn.proj",
-             "ffn_norm": "ln2", "ffn_up": "mlp.fc", "ffn_down": "mlp.proj"}
-    for i in range(n_layers):
-        for theirs, ours in pairs.items():
-            for p in ("weight", "bias"):
-                state[f"blocks.{i}.{ours}.{p}"] = t(f"blk.{i}.{theirs}.{p}")
-    return "gpt", config, state
-
-
-def load_gguf(path: Path):
-    from gguf.quants import dequantize
-    reader = open_gguf(path)
-    arch = gguf_field(reader, "general.architecture")
-    if arch not in ("llama", "gpt2"):
-        raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported (llama, gpt2)")
-    g = lambda key, default=None: gguf_field(reader, f"{arch}.{key}", default)  # noqa: E731
-    try:
-        tensors = {t.name: dequantize(t.data, t.tensor_type) for t in reader.tensors}
-    except Exception as e:
-        raise CheckpointError(f"cannot dequantize {path}: {e}") from None
-    t = lambda name: torch.from_numpy(np.require(tensors[name], np.float32, ["C", "W"]))  # noqa: E731  (copies read-only F32 memmaps)
-    if arch == "gpt2":
-        try:
-            return _gguf_gpt2(g, tensors, t)
-        except KeyError as e:
-            raise CheckpointError(f"{path}: tensor {e} missing from a gpt2 GGUF") from None
-    n_layers, n_heads = g("block_count"), g("attention.head_count")
-    n_kv = g("attention.head_count_kv", n_heads)
-    tied = "output.weight" not in tensors
-    config = dict(vocab_size=int(tensors["token_embd.weight"].shape[0]), context_length=g("context_length"),
-                  d_model=g("embedding_length"), n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv,
-                  d_ff=g("feed_forward_length"), rope_base=float(g("rope.freq_base", 10000.0)),
-                  norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-5)), tie_embeddings=tied,
-                  attn_bias="blk.0.attn_q.bias" in tensors)
-    config["rope_scaling"] = _gguf_rope_scaling(reader, tensors, config, path)
-    try:
-        state = {"tok_emb.weight": t("token_embd.weight"), "final_norm.weight": t("output_norm.weight")}
-        if not tied:
-            state["head.weight"] = t("output.weight")
-        for i in range(n_layers):
-            b = f"blk.{i}."
-            tensors[b + "attn_q.weight"] = _unpermute(tensors[b + "attn_q.weight"], n_heads)
-            tensors[b + "attn_k.weight"] = _unpermute(tensors[b + "attn_k.weight"], n_kv)
-            state[f"blocks.{i}.attn_norm.weight"] = t(b + "attn_norm.weight")
-            state[f"blocks.{i}.ffn_norm.weight"] = t(b + "ffn_norm.weight")
-            state[f"blocks.{i}.attn.qkv.weight"] = torch.cat([t(b + f"attn_{x}.weight") for x in "qkv"])
-            if config["attn_bias"]:
-                tensors[b + "attn_q.bias"] = _unpermute(tensors[b + "attn_q.bias"], n_heads)
-                tensors[b + "attn_k.bias"] = _unpermute(tensors[b + "attn_k.bias"], n_kv)
-                state[f"blocks.{i}.attn.qkv.bias"] = torch.cat([t(b + f"attn_{x}.bias") for x in "qkv"])
-            state[f"blocks.{i}.attn.o_proj.weight"] = t(b + "attn_output.weight")
-            state[f"blocks.{i}.ffn.gate_up.weight"] = torch.cat([t(b + "ffn_gate.weight"), t(b + "ffn_up.weight")])
-            state[f"blocks.{i}.ffn.down.weight"] = t(b + "ffn_down.weight")
-    except KeyError as e:
-        raise CheckpointError(f"{path}: tensor {e} missing from a llama GGUF") from None
-    return "llama", config, state
-
-
 def load_any(path: str | Path):
     """(architecture, config dict, state_dict, kind) for a .gguf file, our folder, or an HF folder."""
     path = Path(path)
@@ -300,6 +283,7 @@ def load_any(path: str | Path):
         raise CheckpointError(f"{path} does not exist")
     if path.is_file():
         if path.suffix == ".gguf":
+            from models.gguf_import import load_gguf
             return (*load_gguf(path), "gguf")
         if path.suffix in PICKLE_SUFFIXES:
             raise CheckpointError(f"{path} is a pickle; refusing to load it. Save it as safetensors in a folder")
@@ -307,7 +291,7 @@ def load_any(path: str | Path):
     if not (path / "config.json").exists():
         _safetensors_files(path)  # a pickle-only folder gets the pickle message
         raise CheckpointError(f"{path} has no config.json")
-    meta = json.loads((path / "config.json").read_text())
+    meta = read_json(path / "config.json", RESTORE_CONFIG)
     if "architecture" in meta:
         return (*load_native(path), "native")
     return (*load_hf(path), "hf")

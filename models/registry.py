@@ -115,8 +115,9 @@ def load_model(name_or_path: str):
         if not path.exists():
             raise UnknownModelError(f"unknown model {name_or_path!r}: not a registered name "
                                     f"({', '.join(MODELS)}) nor an existing path")
-    arch, config, state, kind = load_any(path)
-    model = build_model(arch, config)
+    arch, config, state, kind = load_any(path)   # the config already checked against the file's shapes
+    provenance = _provenance(path) if kind == "native" else ""   # a corrupt file fails before the build
+    model = build_model(arch, config, str(path))
     load_weights(model, state, str(path))
     if kind == "gguf":
         tokenizer = gguf_tokenizer(path)
@@ -129,21 +130,59 @@ def load_model(name_or_path: str):
                               f"{model.config.vocab_size}; the tokenizer does not belong to this model")
     weights = path if path.is_file() else next(iter(sorted(path.glob("*.safetensors"))))
     sha = sha256_file(weights)
-    info = {"checkpoint_sha": sha[:12], "weights_sha256": {str(weights): sha}, "provenance": ""}
+    info = {"checkpoint_sha": sha[:12], "weights_sha256": {str(weights): sha}, "provenance": provenance}
     if kind == "native":
         info["labels"] = read_labels(path)
-        if (path / "provenance.json").exists():
-            # The whole record, not just its id: a recipe that trains on from this checkpoint nests it
-            # as its parent, so one provenance.json holds the full lineage (harness/provenance.py).
-            record = json.loads((path / "provenance.json").read_text())
-            info["provenance"] = record if isinstance(record, dict) else ""
     return model, tokenizer, info
+
+
+def _provenance(folder: Path) -> dict | str:
+    """The whole provenance.json record, not just its id: a recipe that trains on from this checkpoint
+    nests it as its parent, so one provenance.json holds the full lineage (harness/provenance.py)."""
+    file = folder / "provenance.json"
+    if not file.exists():
+        return ""
+    try:
+        record = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file} is not valid JSON ({e}); restore it, or delete it to load the "
+                              "weights without their lineage") from None
+    return record if isinstance(record, dict) else ""
+
+
+def available_devices() -> list[str]:
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += ["cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+    if torch.backends.mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+def check_device(device: str, key: str = "model.device") -> torch.device:
+    """The torch.device, or a ValueError saying which devices this machine has: checked before the
+    weights are loaded, instead of a RuntimeError from deep inside .to() afterwards."""
+    here = f"devices here: {', '.join(available_devices())}"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"{key}={device}: not a device name; {here}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"{key}={device}: CUDA is not available on this machine; {here}")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"{key}={device}: this machine has {torch.cuda.device_count()} CUDA device(s); {here}")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"{key}={device}: MPS is not available on this machine; {here}")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"{key}={device}: the harness runs on cpu, cuda or mps; {here}")
+    return dev
 
 
 def load_lm(name: str, dtype: str = "float32", device: str = "cpu", max_batch_tokens: int = 4096,
             progress: bool = True) -> TorchLM:
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    check_device(str(device))
     model, tokenizer, info = load_model(str(name))
     model = model.to(device=device, dtype=DTYPES[dtype])
     label = Path(name).name if name not in MODELS else name

@@ -56,6 +56,8 @@ def main(cfg: DictConfig) -> None:
         cfg.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
 
     def job() -> int:
+        from models.registry import check_device
+        check_device(str(cfg.device), "device")   # one line naming the devices here, not a CUDA traceback
         init_distributed(device)
         if rank_world()[0] != 0:
             logging.getLogger("harness").setLevel(logging.WARNING)

@@ -21,6 +21,7 @@ from harness.train.state import check_output
 from models.checkpoint import CheckpointError, build_model, load_weights
 from models.gpt import GPT_CONFIGS
 from models.llama import LLAMA_CONFIGS
+from models.shapes import check_fits
 
 log = logging.getLogger("harness.train")
 NAMED_CONFIGS = {"gpt": GPT_CONFIGS, "llama": LLAMA_CONFIGS}
@@ -61,7 +62,11 @@ def build(cfg) -> tuple[torch.nn.Module, object, dict | None]:
             except TypeError as e:
                 raise UserError(f"model.overrides: {e}") from None
             state = model.state_dict()
-            model = build_model(model.architecture, config)
+            # Shapes on the meta device first: an override that resizes the model is refused before
+            # a model of the new size is allocated.
+            check_fits(model.architecture, config, state, "model.overrides", str(t.init_from),
+                       "override only settings that keep the shapes (dropout, norm_eps, ...)")
+            model = build_model(model.architecture, config, "model.overrides")
             load_weights(model, state, str(t.init_from))
         parent = {"name": str(t.init_from), "checkpoint_sha": info.get("checkpoint_sha"),
                   "provenance": info.get("provenance") or None}
@@ -76,10 +81,7 @@ def build(cfg) -> tuple[torch.nn.Module, object, dict | None]:
               "vocab_size": tokenizer.vocab_size, **overrides}
     if config["vocab_size"] < tokenizer.vocab_size:
         raise UserError(f"model vocab_size {config['vocab_size']} < the tokenizer's {tokenizer.vocab_size}")
-    try:
-        model = build_model(want_arch, config)
-    except TypeError as e:
-        raise UserError(f"model.overrides: {e}") from None
+    model = build_model(want_arch, config, f"model.config={t.model.config} with model.overrides")
     init = t.model.get("init") or "default"
     if init not in ("default", "book"):
         raise UserError(f"model.init must be default (the architecture's own) or book, got {init!r}")

@@ -153,8 +153,9 @@ def save_state(out_dir: Path, model, tokenizer, provenance: dict, trainer_state:
 
 
 def load_state(folder: Path, model) -> dict:
-    """Weights into `model` (strict: another architecture's checkpoint is refused); the trainer state."""
-    arch, _, weights = load_native(folder)
+    """Weights into `model` (strict: another architecture's checkpoint is refused); the trainer state.
+    `model`'s shapes are checked against the file's header before the tensors are read."""
+    arch, _, weights = load_native(folder, expect=model)
     if arch != model.architecture:
         raise RunError(f"{folder} holds a {arch} checkpoint, not {model.architecture}")
     load_weights(model, weights, str(folder))
