@@ -83,6 +83,13 @@ def tiny_checkpoint(folder: Path) -> Path:
     return folder
 
 
+def cap_memory_4gib() -> None:
+    """In the child: at most 4 GiB of address space, so a model built from a config instead of the
+    weights file fails (or would be killed) instead of eating the machine."""
+    import resource
+    resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+
 def mmlu_with_short_dev(tmp: Path) -> dict:
     """HARNESS_DATA holding MMLU anatomy whose dev file has one row."""
     data = tmp / "data"
@@ -113,6 +120,11 @@ def _cases(w, tmp: Path) -> dict:
     truncated_gguf.write_bytes(GGUF.read_bytes()[:4096] if GGUF.exists() else b"GGUF\x03\x00\x00\x00junk")
     ppl = ["task=perplexity", "model=gpt-tiny", f"leaderboard={w.board}", f"hydra.run.dir={tmp / 'run'}"]
     arc = ["task=arc_easy", "model=gpt-tiny", f"leaderboard={w.board}", f"hydra.run.dir={tmp / 'run'}"]
+    not_json = tiny_checkpoint(tmp / "not_json")
+    (not_json / "config.json").write_text("{architecture: gpt")
+    llama_default = tmp / "llama_default"
+    shutil.copytree(not_json, llama_default)
+    (llama_default / "config.json").write_text('{"architecture": "llama", "config": {}}')
     corrupt_run = tmp / "corrupt_run"
     shutil.copytree(w.run, corrupt_run)
     records = corrupt_run / "records.jsonl"
@@ -142,7 +154,7 @@ def _cases(w, tmp: Path) -> dict:
                                ["label.jsonl:1", "'E'", "not one of the row's labels A, B, C, D"]),
         "mmlu_fewshot_shortfall": ("harness", eval_args(w, tmp, "task.num_fewshot=2"),
                                    ["anatomy_dev.csv has 1 rows", "task.fewshot_shortfall=allow"],
-                                   mmlu_with_short_dev(tmp)),
+                                   {"env": mmlu_with_short_dev(tmp)}),
         "corrupt_records": ("harness", [*MMLU, f"leaderboard={w.board}", f"hydra.run.dir={corrupt_run}"],
                             ["records.jsonl:1", "corrupt record"]),
         # leaderboard
@@ -155,6 +167,14 @@ def _cases(w, tmp: Path) -> dict:
         "render_corrupt_leaderboard": ("harness.leaderboard", [f"leaderboard={corrupt_board}", f"out_dir={tmp / 'out'}"],
                                        ["corrupt.csv"]),
         # model files
+        "config_not_json": ("harness", [*MMLU[:1], f"model={not_json}", *eval_args(w, tmp)[2:]],
+                            [f"cannot read {not_json}/config.json", "restore the config.json"]),
+        # a 7B default config beside tiny weights: refused from the file's header, under a 4 GiB cap
+        "config_bigger_than_weights": ("harness", [*MMLU[:1], f"model={llama_default}", *eval_args(w, tmp)[2:]],
+                                       ["describes a llama model of 6.74B parameters", "holds"],
+                                       {"preexec_fn": cap_memory_4gib}),
+        "device_not_on_this_machine": ("harness", eval_args(w, tmp, "model.device=cuda:7"),
+                                       ["model.device=cuda:7", "devices here: cpu"]),
         "pickle_checkpoint": ("harness", [*MMLU[:1], f"model={pickled}", *eval_args(w, tmp)[2:]], ["pickle"]),
         "truncated_gguf": ("harness", [*MMLU[:1], f"model={truncated_gguf}", *eval_args(w, tmp)[2:]], ["truncated"]),
         # the other entry points
@@ -177,7 +197,8 @@ CASE_NAMES = [
     "stride_zero", "perplexity_empty_file", "task_path_is_a_folder", "duplicate_sample_ids",
     "answer_not_a_label", "mmlu_fewshot_shortfall", "corrupt_records", "leaderboard_is_a_folder",
     "leaderboard_under_a_file", "leaderboard_corrupt_body", "render_corrupt_leaderboard", "pickle_checkpoint",
-    "truncated_gguf", "train_unknown_recipe", "train_resume_must_without_a_run", "train_resume_not_bool",
+    "truncated_gguf", "config_not_json", "config_bigger_than_weights", "device_not_on_this_machine",
+    "train_unknown_recipe", "train_resume_must_without_a_run", "train_resume_not_bool",
     "compare_out_is_a_folder", "compare_missing_b", "serve_port_not_a_number", "serve_port_out_of_range",
     "export_out_is_a_folder",
 ]
@@ -187,11 +208,11 @@ CASE_NAMES = [
 def test_bad_input_is_one_line_exit_2_and_nothing_changes(name, world, tmp_path):
     cases = _cases(world, tmp_path)
     assert set(cases) == set(CASE_NAMES)
-    module, args, needles, *env = cases[name]
+    module, args, needles, *options = cases[name]
     paths = [a.split("=", 1) for a in map(str, args) if "=" in a and not a.startswith("hydra.")]
     watched = [world.board, world.run, *(Path(v) for _, v in paths if v.startswith("/"))]
     before = snapshot(*watched)
-    p = run(module, *args, env=env[0] if env else ENV)
+    p = run(module, *args, **(options[0] if options else {}))
     assert_bad_input(p, *needles)
     assert snapshot(*watched) == before
     assert not list(tmp_path.rglob(".*.tmp")), "a temporary file was left behind"
