@@ -30,7 +30,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from harness.cli import Interrupted, UserError, exit_after, run_cli
-from harness.io import write_atomic
+from harness.io import read_json, write_atomic
 
 log = logging.getLogger("harness.baselines")
 
@@ -87,7 +87,7 @@ def _run_stage(name: str, argv: list[str], ledger: dict, ledger_path: Path) -> N
 
 def _complete(folder: Path) -> bool:
     prov = folder / "provenance.json"
-    return prov.exists() and bool(json.loads(prov.read_text()).get("complete"))
+    return prov.exists() and bool(read_json(prov, f"move {folder} aside to train that rung again").get("complete"))
 
 
 def model_path(name: str, cfg: DictConfig, out: Path) -> str:
@@ -141,7 +141,7 @@ def run_ladder(cfg: DictConfig) -> None:
     out = Path(str(cfg.out_dir)).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     ledger_path = out / "ladder.json"
-    ledger = json.loads(ledger_path.read_text()) if ledger_path.exists() else {}
+    ledger = read_json(ledger_path, "delete it (it only records stage timings)") if ledger_path.exists() else {}
     unknown = [m for m in cfg.models if m != "base" and m not in cfg.rungs]
     if unknown:
         raise UserError(f"models lists {', '.join(unknown)}, which are not rungs ({', '.join(cfg.rungs)}) or base")

@@ -6,7 +6,6 @@ records; the model is whatever `LM` the model config builds.
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import os
 import random
@@ -18,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from harness.cli import UserError
-from harness.io import write_json
+from harness.io import read_json, write_json
 from harness.records import RecordWriter, load_records
 
 log = logging.getLogger("harness")
@@ -66,11 +65,7 @@ def read_state(run_dir: Path) -> dict | None:
     path = run_dir / "run.json"
     if not path.exists():
         return None
-    try:
-        state = json.loads(path.read_text())
-    except ValueError:
-        raise UserError(f"{path} is not valid JSON; move the run folder aside or pass another hydra.run.dir") from None
-    return state if isinstance(state, dict) else None
+    return read_json(path, "move the run folder aside or pass another hydra.run.dir")
 
 
 def _open_run(run_dir: Path, key: dict) -> dict:

@@ -67,14 +67,18 @@ def write_json(path: str | os.PathLike, obj: Any, sort_keys: bool = True) -> Non
     write_atomic(path, text.encode("utf-8"))
 
 
-def read_json(path: str | os.PathLike, what: str = "file") -> Any:
-    """A JSON file, or a UserError naming the file when it is not valid JSON or not readable."""
+def read_json(path: str | os.PathLike, fix: str, error: type[Exception] | None = None) -> dict:
+    """The JSON object in `path`, or `error` (a UserError by default) naming the file and `fix`:
+    a corrupt or truncated file the harness wrote (run.json, provenance.json, config.json) is one
+    line saying what to do, never a JSONDecodeError traceback."""
     from harness.cli import UserError
 
+    error = error or UserError
     p = Path(path)
     try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{p} is not valid JSON ({e}); repair or remove this {what}") from None
-    except IsADirectoryError:
-        raise UserError(f"{p} is a folder, not a JSON {what}") from None
+        obj = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"cannot read {p}: {e} (corrupt or truncated?); {fix}") from None
+    if not isinstance(obj, dict):
+        raise error(f"{p} holds a JSON {type(obj).__name__}, not an object; {fix}")
+    return obj

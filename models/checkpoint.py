@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from harness import io
 from harness.cli import UserError
 from models.gpt import GPT, GPTConfig
 from models.llama import Llama, LlamaConfig
@@ -50,14 +51,7 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
 
 
 def read_json(path: Path, fix: str) -> dict:
-    """A JSON object from `path`, or a CheckpointError naming the file and `fix` (never a JSONDecodeError)."""
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {path}: {e} (corrupt or truncated?); {fix}") from None
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path} holds a JSON {type(obj).__name__}, not an object; {fix}")
-    return obj
+    return io.read_json(path, fix, CheckpointError)
 
 
 def _read_safetensors(files: list[Path], header_only: bool = False) -> dict[str, torch.Tensor]:

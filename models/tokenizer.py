@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 from harness.cli import UserError
+from harness.io import read_json
 
 CONFIG_FILE = "tokenizer_config.json"
 TOKENIZER_JSON = "tokenizer.json"
@@ -240,7 +241,7 @@ def load_tokenizer(folder: Path) -> Tokenizer:
     config_path, json_path = folder / CONFIG_FILE, folder / TOKENIZER_JSON
     if not config_path.exists() and not json_path.exists():
         raise UserError(f"{folder} holds no tokenizer: neither {TOKENIZER_JSON} nor {CONFIG_FILE}")
-    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.exists() else {}
+    config = read_json(config_path, "restore the tokenizer files saved with this checkpoint") if config_path.exists() else {}
     if config.get("type") == "gpt2":
         return gpt2_tokenizer()
     if not json_path.exists():

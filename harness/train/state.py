@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from harness.cli import UserError, bool_option
-from harness.io import write_atomic, write_json
+from harness.io import read_json, write_atomic, write_json
 from models.checkpoint import load_native, load_weights, save_checkpoint
 
 RUN_FILE, LAST, STATE_FILE, METRICS = "run.json", "last", "trainer_state.pt", "metrics.jsonl"
@@ -87,7 +87,7 @@ def check_output(out_dir: str | Path, config: dict, resume: bool | str, overwrit
         return fresh
     if not (out_dir / RUN_FILE).exists():
         raise RunError(f"output_dir {out_dir} is not empty and holds no training run; choose another output_dir")
-    old = json.loads((out_dir / RUN_FILE).read_text())
+    old = read_json(out_dir / RUN_FILE, "pass overwrite=true to start over, or choose another output_dir", RunError)
     if overwrite:
         fresh.clear = True
         return fresh
@@ -99,7 +99,7 @@ def check_output(out_dir: str | Path, config: dict, resume: bool | str, overwrit
         raise RunError(f"output_dir {out_dir} already holds this run; pass resume=true to continue it "
                        "or overwrite=true to start over")
     final = out_dir / "provenance.json"
-    if final.exists() and json.loads(final.read_text()).get("complete"):
+    if final.exists() and read_json(final, "pass overwrite=true to start over", RunError).get("complete"):
         raise RunError(f"output_dir {out_dir} holds a completed run; nothing to resume")
     return Run(out_dir, old["id"], config, resume_from=last_checkpoint(out_dir))
 
