@@ -8,6 +8,9 @@ What a request may carry (everything else is accepted and ignored, as Ollama doe
   both           tools, keep_alive, format, think: accepted and ignored; non-empty images: 400
   options        temperature 0.8, top_k 40, top_p 0.9, seed (random when absent or < 0),
                  num_predict -1 (until EOS or the context is full), stop [], num_ctx
+Numbers must be finite; seed, top_k, num_predict and num_ctx (>= 1) are integers within Go's int64,
+as in Ollama (an integral float such as 4.0 counts). Type and range errors are 400s naming the field:
+"options.num_predict must be an integer, got 3.5".
 Chat prompts come from the tokenizer's chat template; a model without one gets plain lines
 "role: content" and a final "assistant:" to continue from. /api/generate without `raw` wraps the
 prompt (and `system`) in the chat template as one user turn; without a template it is sent as is,
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
@@ -31,6 +35,14 @@ class ApiError(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status, self.message = status, message
+
+
+class Abandoned(Exception):
+    """A generation given up because its client went away; it stopped after `tokens` tokens."""
+
+    def __init__(self, tokens: int):
+        super().__init__(f"abandoned after {tokens} generated tokens")
+        self.tokens = tokens
 
 
 def now_rfc3339() -> str:
@@ -64,11 +76,35 @@ def parse_json(raw: bytes) -> dict:
         raise ApiError(400, "missing request body")
     try:
         body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        if _SURROGATE_ESCAPE.search(raw):
+            body = _no_lone_surrogates(body)
+    except (UnicodeDecodeError, ValueError) as e:   # ValueError: also an integer over 4300 digits
         raise ApiError(400, f"invalid JSON body: {e}") from None
+    except RecursionError:
+        raise ApiError(400, "invalid JSON body: nested too deeply") from None
     if not isinstance(body, dict):
         raise ApiError(400, f"request body must be a JSON object, got {_json_type(body)}")
     return body
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _no_lone_surrogates(v: Any) -> Any:
+    """An unpaired surrogate escape ("\\ud800") becomes U+FFFD, as Go's JSON decoder (Ollama's) makes
+    it; Python keeps it, and the tokenizer then fails on a str that is not valid Unicode."""
+    if isinstance(v, str):
+        return v.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(v, list):
+        return [_no_lone_surrogates(x) for x in v]
+    if isinstance(v, dict):
+        return {_no_lone_surrogates(k): _no_lone_surrogates(x) for k, x in v.items()}
+    return v
+
+
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1   # Go's int: what Ollama's integer options are
+_KINDS = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
+          dict: "an object"}
 
 
 def _json_type(v: Any) -> str:
@@ -76,43 +112,79 @@ def _json_type(v: Any) -> str:
     return "null" if v is None else names.get(type(v), type(v).__name__)
 
 
-def _get(obj: dict, key: str, kinds: tuple[type, ...], default: Any = None, where: str = "") -> Any:
-    """obj[key] checked against JSON kinds (null = absent); 400 naming the field otherwise."""
-    v = obj.get(key)
+def _shown(v: Any) -> str:
+    """A bad value in a message: numbers and booleans as written in JSON (cut when long), short
+    strings quoted, anything else by its JSON type."""
+    if isinstance(v, (bool, int, float)):
+        text = json.dumps(v)
+        return text if len(text) <= 24 else f"{text[:20]}... ({len(text.lstrip('-'))} digits)"
+    if isinstance(v, str) and len(v) <= 24:
+        return f"string {json.dumps(v)}"
+    return _json_type(v)
+
+
+def _typed(v: Any, name: str, kinds: tuple[type, ...], default: Any = None) -> Any:
+    """v checked against JSON kinds (None = absent: default; bools are not numbers); a 400 naming
+    the field otherwise."""
     if v is None:
         return default
     if isinstance(v, bool) and bool not in kinds or not isinstance(v, kinds):
-        want = " or ".join(dict.fromkeys(_json_type(k()) for k in kinds))
-        raise ApiError(400, f"invalid {where}{key}: expected {want}, got {_json_type(v)}")
+        want = " or ".join(dict.fromkeys(_KINDS[k] for k in kinds if not (k is int and float in kinds)))
+        raise ApiError(400, f"{name} must be {want}, got {_shown(v)}")
     return v
+
+
+def _get(obj: dict, key: str, kinds: tuple[type, ...], default: Any = None, where: str = "") -> Any:
+    return _typed(obj.get(key), where + key, kinds, default)
+
+
+def _int(obj: dict, key: str, default: int | None, where: str = "options.", low: int = INT64_MIN,
+         high: int = INT64_MAX) -> int | None:
+    """An integer field. JSON has one number type, so 4.0 counts as 4 (Ollama takes it too); 4.5, true
+    and values outside [low, high] are 400s. The default range is Go's int64, the type Ollama decodes
+    these into (past 2**64 a seed overflowed torch's generator, a 500)."""
+    v = obj.get(key)
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    v = _typed(v, where + key, (int,), default)
+    if v is not None and not low <= v <= high:
+        raise ApiError(400, f"{where}{key} must be an integer between {low} and {high}, got {_shown(v)}")
+    return v
+
+
+def _float(obj: dict, key: str, default: float, where: str = "options.") -> float:
+    """A finite number field (an integer too large for a float is not one)."""
+    v = _get(obj, key, (int, float), default, where)
+    try:
+        f = float(v)
+    except OverflowError:
+        f = math.inf
+    if not math.isfinite(f):
+        raise ApiError(400, f"{where}{key} must be a finite number, got {_shown(v)}")
+    return f
 
 
 def parse_sampling(options: Any) -> Sampling:
     if options is None:
         return Sampling()
     if not isinstance(options, dict):
-        raise ApiError(400, f"invalid options: expected object, got {_json_type(options)}")
-    num = (int, float)
-    temperature = float(_get(options, "temperature", num, DEFAULT_TEMPERATURE, "options."))
-    top_p = float(_get(options, "top_p", num, DEFAULT_TOP_P, "options."))
-    seed = _get(options, "seed", (int,), None, "options.")
-    num_ctx = _get(options, "num_ctx", (int,), None, "options.")
+        raise ApiError(400, f"options must be an object, got {_shown(options)}")
+    temperature = _float(options, "temperature", DEFAULT_TEMPERATURE)
+    top_p = _float(options, "top_p", DEFAULT_TOP_P)
+    seed = _int(options, "seed", None)   # negative: a random seed, as in Ollama
+    num_ctx = _int(options, "num_ctx", None, low=1)
     stop = _get(options, "stop", (list, str), [], "options.")
     stop = [stop] if isinstance(stop, str) else stop
     if not all(isinstance(s, str) for s in stop):
-        raise ApiError(400, "invalid options.stop: expected an array of strings")
-    if not math.isfinite(temperature) or temperature < 0:
-        raise ApiError(400, f"invalid options.temperature {temperature}: must be >= 0")
-    if not math.isfinite(top_p):
-        raise ApiError(400, f"invalid options.top_p {top_p}: must be a number in (0, 1]")
-    if num_ctx is not None and num_ctx <= 0:
-        raise ApiError(400, f"invalid options.num_ctx {num_ctx}: must be > 0")
+        raise ApiError(400, "options.stop must be a string or an array of strings")
+    if temperature < 0:
+        raise ApiError(400, f"options.temperature must be a number >= 0, got {_shown(options['temperature'])}")
     if top_p <= 0 or temperature < GREEDY_BELOW:   # top_p 0 keeps only the most likely token (llama.cpp);
         temperature = 0.0                           # dividing logits by a tiny temperature overflows
-    return Sampling(temperature=temperature, top_k=_get(options, "top_k", (int,), DEFAULT_TOP_K, "options."),
-                    top_p=top_p, seed=seed if seed is None or seed >= 0 else None,
-                    num_predict=_get(options, "num_predict", (int,), -1, "options."),
-                    stop=tuple(s for s in stop if s), num_ctx=num_ctx)
+    return Sampling(temperature=temperature, top_k=_int(options, "top_k", DEFAULT_TOP_K), top_p=top_p,
+                    seed=seed if seed is None or seed >= 0 else None,
+                    num_predict=_int(options, "num_predict", -1), stop=tuple(s for s in stop if s),
+                    num_ctx=num_ctx)
 
 
 def _common(body: dict, card: ModelCard) -> tuple[str, bool, Sampling]:
@@ -127,7 +199,7 @@ def _common(body: dict, card: ModelCard) -> tuple[str, bool, Sampling]:
 
 def _reject_images(images: Any, model: str, where: str = "") -> None:
     if images is not None and not isinstance(images, list):
-        raise ApiError(400, f"invalid {where}images: expected array, got {_json_type(images)}")
+        raise ApiError(400, f"{where}images must be an array, got {_shown(images)}")
     if images:
         raise ApiError(400, f"model '{model}' does not support images (it has no vision input); "
                             "send text only")
@@ -154,10 +226,10 @@ def parse_chat(body: dict, card: ModelCard, template: ChatTemplate) -> Job:
     for i, m in enumerate(messages):
         where = f"messages[{i}]."
         if not isinstance(m, dict):
-            raise ApiError(400, f"invalid messages[{i}]: expected object, got {_json_type(m)}")
+            raise ApiError(400, f"messages[{i}] must be an object, got {_shown(m)}")
         role = _get(m, "role", (str,), "", where)
         if not role:
-            raise ApiError(400, f"invalid {where}role: a role (system, user, assistant, tool) is required")
+            raise ApiError(400, f"{where}role is required: system, user, assistant or tool")
         _reject_images(m.get("images"), model, where)
         clean.append({"role": role, "content": _get(m, "content", (str,), "", where)})
     if not clean:

@@ -9,11 +9,17 @@ POST /api/show, POST /api/chat, POST /api/generate. HTTP/1.1 with keep-alive; st
 NDJSON, one line per chunk (chunked transfer encoding), never a blank line. Errors are JSON
 {"error": ...}: 400 bad body, 404 unknown model or path, 405 wrong method, 500 a failure inside
 the model (mid-stream: a last line {"error": ...}). Each request is logged through `logging`.
+
+A generation whose client hangs up (closes or resets the connection, e.g. a judge request that
+timed out) stops within one decode step, streamed or not, and frees the model for the next request;
+it is logged as status 499 plus one "abandoned" line. A half-closed connection (the client shut
+down its sending side) counts as gone, as in Ollama (Go's net/http cancels the request on EOF).
 """
 from __future__ import annotations
 
 import json
 import logging
+import select
 import socket
 import threading
 import time
@@ -22,7 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 import harness
-from harness.ollama_api import (ApiError, ChatTemplate, ModelCard, chunk, final, loaded, parse_chat,
+from harness.ollama_api import (Abandoned, ApiError, ChatTemplate, ModelCard, chunk, final, loaded, parse_chat,
                                 parse_generate, parse_json)
 
 log = logging.getLogger("harness.serve")
@@ -127,6 +133,20 @@ class Handler(BaseHTTPRequestHandler):
         except OSError:
             self.close_connection = True
 
+    def _hung_up(self, poller: select.poll) -> bool:
+        """True once the client is gone: its end of the connection reads EOF or was reset. While the
+        connection is quiet this is one poll(2) with no wait (poll, unlike select, takes any fd
+        number); readable data that is not EOF is a keep-alive client's next request, left for
+        after this answer."""
+        if not poller.poll(0):
+            return False
+        try:   # readable: EOF (b"") or data; MSG_PEEK leaves the data for the next request
+            return self.connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:   # ECONNRESET, ETIMEDOUT: gone as well
+            return True
+
     def _fail(self, status: int, message: str) -> None:
         if self.streaming:   # headers are out: Ollama's way is a last line carrying the error
             if self._stream_line({"error": message}):
@@ -175,9 +195,15 @@ class Handler(BaseHTTPRequestHandler):
         if job.prompt is None:
             return self._send_json(200, loaded(job))
         on_delta = (lambda text: self._stream_line(chunk(job, text))) if job.stream else (lambda text: True)
-        outcome = self.server.engine.run(job, on_delta)
-        if outcome is None:   # the client disconnected mid-stream; generation stopped early
-            self.close_connection = True
+        poller = select.poll()
+        poller.register(self.connection, select.POLLIN)
+        try:
+            outcome = self.server.engine.run(job, on_delta, cancelled=lambda: self._hung_up(poller))
+        except Abandoned as e:
+            self.status, self.close_connection = self.status or 499, True   # nginx's "client closed request"
+            log.info("%s abandoned %s %s: the client went away; generation stopped after %d tokens, %.3fs",
+                     self.client_address[0], self.command, self.path, e.tokens,
+                     (time.perf_counter_ns() - self.started) / 1e9)
             return
         outcome.total_duration = time.perf_counter_ns() - self.started
         if not job.stream:

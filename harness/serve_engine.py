@@ -2,7 +2,9 @@
 as text deltas through `generate_tokens`' per-token callback; and the served model's metadata.
 
     engine = Engine(lm, default_num_ctx=4096)
-    outcome = engine.run(job, on_delta=lambda text: True)   # False from on_delta aborts (client gone)
+    outcome = engine.run(job, on_delta=lambda text: True, cancelled=lambda: False)
+    # False from on_delta, or True from cancelled (polled before prefill and after each decode step),
+    # stops the generation and raises Abandoned: the client went away
 
 A request's text equals `TorchLM.generate` on the same prompt and options: same encoding, same
 sampler, same stop-string cut.
@@ -18,7 +20,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from harness.ollama_api import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, Job, ModelCard, Outcome
+from harness.ollama_api import (DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, Abandoned, Job, ModelCard,
+                                Outcome)
 from models.generate import generate_tokens
 from models.lm import cut_at_stop
 from models.llama import LlamaConfig
@@ -79,9 +82,14 @@ class Engine:
         room = ctx - len(ids)
         return ids, room if s.num_predict < 0 else min(s.num_predict, room)
 
-    def run(self, job: Job, on_delta: Callable[[str], bool]) -> Outcome | None:
-        """Generate for `job`, calling on_delta(text) with each settled piece of text. Returns the
-        outcome, or None when on_delta returned False (the client went away)."""
+    def run(self, job: Job, on_delta: Callable[[str], bool],
+            cancelled: Callable[[], bool] = lambda: False) -> Outcome:
+        """Generate for `job`, calling on_delta(text) with each settled piece of text. `cancelled()`
+        is asked once the model is ours (a request that waited its turn may be gone already) and
+        after every decode step, before that step's text is handed out: a write into a socket the
+        peer closed often succeeds, so on_delta alone may notice a step or more late, and a
+        non-streamed request writes nothing until the end. Raises Abandoned when on_delta returned
+        False or cancelled() True; the model is free again within one decode step."""
         s = job.sampling
         decoder = StreamDecoder(self.lm.tokenizer.decode, s.stop)
         aborted, first_token_at = False, []
@@ -91,12 +99,13 @@ class Engine:
             if not first_token_at:
                 first_token_at.append(time.perf_counter_ns())
             delta = decoder.push(tokens)
-            if delta and not on_delta(delta):
-                aborted = True
+            aborted = cancelled() or bool(delta) and not on_delta(delta)
             return aborted or decoder.stopped
 
         t_wait = time.perf_counter_ns()
         with self.lock:   # tokenizing inside too: one thread at a time touches the tokenizer
+            if cancelled():
+                raise Abandoned(0)
             t_start = time.perf_counter_ns()
             ids, max_new = self.prompt_ids(job)
             tokens: list[int] = []
@@ -110,10 +119,8 @@ class Engine:
                                          should_stop=step)[0]
             t_end = time.perf_counter_ns()
             text, rest = decoder.finish(tokens)
-        if aborted:
-            return None
-        if rest and not on_delta(rest):
-            return None
+        if aborted or rest and not on_delta(rest):
+            raise Abandoned(len(tokens))
         hit_eos = not decoder.stopped and len(tokens) < max_new
         t_first = first_token_at[0] if first_token_at else t_end
         return Outcome(text=text, done_reason="stop" if decoder.stopped or hit_eos else "length",
