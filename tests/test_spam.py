@@ -22,9 +22,8 @@ from models.lora import LoRALinear, apply_lora, merge_lora  # noqa: E402
 from models.registry import load_lm, load_model  # noqa: E402
 from tasks.base import Record, TaskError  # noqa: E402
 from tasks.sms_spam import (LABELS, SmsSpamTask, confusion_cell, load_sms_spam, prompt,  # noqa: E402
-
-from harness.cli import UserError
                             spam_metrics, spam_split)
+from harness.cli import UserError  # noqa: E402
 
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
 for var, sub in (("HARNESS_DATA", "data"), ("HARNESS_MODELS", "models")):
