@@ -57,6 +57,7 @@ def world(tmp_path_factory):
     assert p.returncode == 0, p.stderr[-3000:]
     text = root / "doc.txt"
     text.write_text("A short document to score.\n")
+    tiny_checkpoint(root / "tiny")
     return SimpleNamespace(root=root, board=board, run=run_dir, text=text)
 
 
@@ -125,6 +126,11 @@ def _cases(w, tmp: Path) -> dict:
     llama_default = tmp / "llama_default"
     shutil.copytree(not_json, llama_default)
     (llama_default / "config.json").write_text('{"architecture": "llama", "config": {}}')
+    truncated_st = tmp / "truncated_st"
+    shutil.copytree(not_json, truncated_st)
+    (truncated_st / "config.json").write_text((w.root / "tiny" / "config.json").read_text())
+    weights = (w.root / "tiny" / "model.safetensors").read_bytes()
+    (truncated_st / "model.safetensors").write_bytes(weights[: len(weights) // 2])
     corrupt_run = tmp / "corrupt_run"
     shutil.copytree(w.run, corrupt_run)
     records = corrupt_run / "records.jsonl"
@@ -167,6 +173,8 @@ def _cases(w, tmp: Path) -> dict:
         "render_corrupt_leaderboard": ("harness.leaderboard", [f"leaderboard={corrupt_board}", f"out_dir={tmp / 'out'}"],
                                        ["corrupt.csv"]),
         # model files
+        "truncated_safetensors": ("harness", [*MMLU[:1], f"model={truncated_st}", *eval_args(w, tmp)[2:]],
+                                  ["model.safetensors"]),
         "config_not_json": ("harness", [*MMLU[:1], f"model={not_json}", *eval_args(w, tmp)[2:]],
                             [f"cannot read {not_json}/config.json", "restore the config.json"]),
         # a 7B default config beside tiny weights: refused from the file's header, under a 4 GiB cap
@@ -197,7 +205,7 @@ CASE_NAMES = [
     "stride_zero", "perplexity_empty_file", "task_path_is_a_folder", "duplicate_sample_ids",
     "answer_not_a_label", "mmlu_fewshot_shortfall", "corrupt_records", "leaderboard_is_a_folder",
     "leaderboard_under_a_file", "leaderboard_corrupt_body", "render_corrupt_leaderboard", "pickle_checkpoint",
-    "truncated_gguf", "config_not_json", "config_bigger_than_weights", "device_not_on_this_machine",
+    "truncated_gguf", "truncated_safetensors", "config_not_json", "config_bigger_than_weights", "device_not_on_this_machine",
     "train_unknown_recipe", "train_resume_must_without_a_run", "train_resume_not_bool",
     "compare_out_is_a_folder", "compare_missing_b", "serve_port_not_a_number", "serve_port_out_of_range",
     "export_out_is_a_folder",
@@ -265,3 +273,38 @@ def test_read_only_leaderboard_folder_is_refused_before_scoring(tmp_path):
         ro.chmod(0o755)
     assert_bad_input(p, "no write permission")
     assert not (tmp_path / "run" / "records.jsonl").exists()
+
+
+def test_kill_9_mid_run_resumes_to_the_same_records(tmp_path):
+    """SIGKILL while records are being appended, then the same command: the result equals an
+    uninterrupted run's, sample by sample, and the leaderboard gets its rows once."""
+    import signal
+    import time
+
+    args = ["task=mmlu", "model=gpt-tiny", "task.subjects=[anatomy,astronomy,virology]", "task.limit=12",
+            "chunk_size=2"]
+    board, run_dir = tmp_path / "lb.csv", tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "harness", *args, f"leaderboard={board}",
+                             f"hydra.run.dir={run_dir}"], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    records = run_dir / "records.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not records.exists() or records.read_text().count("\n") < 4):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not board.exists(), "killed before the end, yet rows were appended"
+    resumed = run("harness", *args, f"leaderboard={board}", f"hydra.run.dir={run_dir}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "reusing" in resumed.stdout + resumed.stderr
+    clean = run("harness", *args, f"leaderboard={tmp_path / 'clean.csv'}", f"hydra.run.dir={tmp_path / 'clean'}")
+    assert clean.returncode == 0, clean.stderr[-3000:]
+
+    def scores(folder):
+        rows = [json.loads(line) for line in (folder / "records.jsonl").read_text().splitlines() if line]
+        return {r["sample_id"]: (r["prediction"], r["scores"]) for r in rows}
+
+    assert scores(run_dir) == scores(tmp_path / "clean") and len(scores(run_dir)) == 36
+    import pandas as pd
+    killed, fresh = pd.read_csv(board), pd.read_csv(tmp_path / "clean.csv")
+    assert list(killed.value) == list(fresh.value)
