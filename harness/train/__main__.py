@@ -66,17 +66,11 @@ def main(cfg: DictConfig) -> None:
 
     try:
         # A second Ctrl-C (the first one writes a checkpoint) ends here: no checkpoint beyond the last.
-        run_cli(job, error_log=_error_log(cfg), interrupted="interrupted; output_dir keeps its last checkpoint")
+        # No error.log here: output_dir is a checkpoint folder, and bad input must leave it as it was.
+        run_cli(job, interrupted="interrupted; output_dir keeps its last checkpoint")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def _error_log(cfg: DictConfig) -> Path | None:
-    """output_dir/error.log when output_dir holds a run: an error.log alone would make a fresh
-    folder look like someone else's."""
-    out = Path(str(cfg.get("output_dir") or "")).expanduser()
-    return out / "error.log" if str(cfg.get("output_dir") or "") and (out / "run.json").exists() else None
 
 
 def check_argv(argv: list[str]) -> list[str]:
