@@ -22,9 +22,9 @@ import torch
 
 from harness.ollama_api import (DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, Abandoned, Job, ModelCard,
                                 Outcome)
+from models.architectures import lookup
 from models.generate import generate_tokens
 from models.lm import cut_at_stop
-from models.llama import LlamaConfig
 
 
 class StreamDecoder:
@@ -184,23 +184,22 @@ def describe_model(lm, source: str, name: str, num_ctx: int) -> ModelCard:
     """The served model's metadata for /api/tags, /api/show and /api/ps."""
     cfg, model = lm.model.config, lm.model
     files = weights_files(source)
-    arch = "llama" if isinstance(cfg, LlamaConfig) else "gpt2"
+    arch = lookup(model.architecture)
+    family = arch.family   # Ollama names a model's family by its GGUF architecture
     dtype = str(lm.info.get("dtype", "float32"))
     fmt = "gguf" if files and files[0].suffix == ".gguf" else "safetensors" if files else "random-init"
     quant = (_gguf_quantization(files[0]) if fmt == "gguf" else None) or {"bfloat16": "BF16"}.get(dtype, "F32")
     n_params = parameter_count(model)
     size = sum(f.stat().st_size for f in files) or sum(p.numel() * p.element_size() for p in model.parameters())
     info = {
-        "general.architecture": arch, "general.parameter_count": n_params,
-        f"{arch}.context_length": cfg.context_length, f"{arch}.embedding_length": cfg.d_model,
-        f"{arch}.block_count": cfg.n_layers, f"{arch}.attention.head_count": cfg.n_heads,
-        f"{arch}.vocab_size": cfg.vocab_size, "tokenizer.ggml.eos_token_id": lm.tokenizer.eos_id,
+        "general.architecture": family, "general.parameter_count": n_params,
+        f"{family}.context_length": cfg.context_length, f"{family}.embedding_length": cfg.d_model,
+        f"{family}.block_count": cfg.n_layers, f"{family}.attention.head_count": cfg.n_heads,
+        f"{family}.vocab_size": cfg.vocab_size, "tokenizer.ggml.eos_token_id": lm.tokenizer.eos_id,
         "harness.source": source, "harness.dtype": dtype, "harness.device": str(lm.device),
     }
-    if arch == "llama":
-        info.update({"llama.attention.head_count_kv": cfg.n_kv_heads, "llama.feed_forward_length": cfg.d_ff,
-                     "llama.rope.freq_base": cfg.rope_base})
-    details = {"parent_model": "", "format": fmt, "family": arch, "families": [arch],
+    info.update({f"{family}.{key}": value for key, value in arch.model_info(cfg).items()})
+    details = {"parent_model": "", "format": fmt, "family": family, "families": [family],
                "parameter_size": _human(n_params), "quantization_level": quant}
     ctx = min(num_ctx, cfg.context_length)
     parameters = "\n".join(f"{k:<30} {v}" for k, v in

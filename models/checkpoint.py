@@ -1,5 +1,6 @@
 """Loading and saving weights: our checkpoint folders, Hugging Face safetensors, and GGUF (read in
-models/gguf_import.py).
+models/gguf_import.py). How an architecture's config and tensors are named in HF and GGUF files is
+its model file's business, reached through its entry in models/architectures.py.
 
 Every loader returns (architecture, config, state_dict in our tensor names), and checks the config
 against the tensor shapes in the file's header (models/shapes.py) before it reads any tensor data:
@@ -18,10 +19,7 @@ import torch
 
 from harness import io
 from harness.cli import UserError
-from models.gpt import GPT, GPTConfig
-from models.llama import Llama, LlamaConfig
 
-ARCHITECTURES = {"gpt": (GPTConfig, GPT), "llama": (LlamaConfig, Llama)}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # How to fix a config that does not describe its weights, for the messages below.
 RESTORE_CONFIG = "restore the config.json saved with these weights"
@@ -33,12 +31,13 @@ class CheckpointError(UserError):
     """A model file that is corrupt, truncated, unsafe or does not fit the architecture."""
 
 
-def build_model(architecture: str, config: dict | GPTConfig | LlamaConfig,
-                source: str = "model config") -> torch.nn.Module:
-    """A model of `config`, refused with a CheckpointError naming `source` when a size is invalid."""
+def build_model(architecture: str, config, source: str = "model config") -> torch.nn.Module:
+    """A model of `config` (a mapping or the architecture's config dataclass), refused with a
+    CheckpointError naming `source` when the architecture is unknown or a size is invalid."""
+    from models.architectures import lookup   # not at the top: the model files import this module
     from models.shapes import make_config
     config = make_config(architecture, config, source)
-    return ARCHITECTURES[architecture][1](config)
+    return lookup(architecture).build(config)
 
 
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -151,89 +150,22 @@ def float_or_raw(v):
 
 # --- Hugging Face safetensors folders ------------------------------------------------------------
 
-def _strip(state: dict, prefix: str) -> dict:
+def strip_prefix(state: dict, prefix: str) -> dict:
+    """HF state_dicts name tensors with the wrapper's prefix ("transformer.", "model.") or not."""
     return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
-
-
-def convert_hf_gpt2(hf: dict, n_layers: int) -> dict[str, torch.Tensor]:
-    """HF GPT-2 stores Linear layers as Conv1D ([in, out]); ours are nn.Linear ([out, in])."""
-    hf = _strip(hf, "transformer.")
-    out = {"tok_emb.weight": hf["wte.weight"], "pos_emb.weight": hf["wpe.weight"],
-           "final_norm.weight": hf["ln_f.weight"], "final_norm.bias": hf["ln_f.bias"]}
-    pairs = {"ln_1": "ln1", "ln_2": "ln2", "attn.c_attn": "attn.qkv", "attn.c_proj": "attn.proj",
-             "mlp.c_fc": "mlp.fc", "mlp.c_proj": "mlp.proj"}
-    for i in range(n_layers):
-        for theirs, ours in pairs.items():
-            w = hf[f"h.{i}.{theirs}.weight"]
-            out[f"blocks.{i}.{ours}.weight"] = w if theirs.startswith("ln") else w.t().contiguous()
-            out[f"blocks.{i}.{ours}.bias"] = hf[f"h.{i}.{theirs}.bias"]
-    return out
-
-
-def convert_hf_llama(hf: dict, n_layers: int, tied: bool) -> dict[str, torch.Tensor]:
-    hf = _strip(hf, "model.")
-    out = {"tok_emb.weight": hf["embed_tokens.weight"], "final_norm.weight": hf["norm.weight"]}
-    if not tied:
-        out["head.weight"] = hf["lm_head.weight"]
-    for i in range(n_layers):
-        p, a, m = f"layers.{i}.", f"layers.{i}.self_attn.", f"layers.{i}.mlp."
-        out[f"blocks.{i}.attn_norm.weight"] = hf[p + "input_layernorm.weight"]
-        out[f"blocks.{i}.ffn_norm.weight"] = hf[p + "post_attention_layernorm.weight"]
-        out[f"blocks.{i}.attn.qkv.weight"] = torch.cat([hf[a + f"{x}_proj.weight"] for x in "qkv"])
-        if a + "q_proj.bias" in hf:
-            out[f"blocks.{i}.attn.qkv.bias"] = torch.cat([hf[a + f"{x}_proj.bias"] for x in "qkv"])
-        out[f"blocks.{i}.attn.o_proj.weight"] = hf[a + "o_proj.weight"]
-        out[f"blocks.{i}.ffn.gate_up.weight"] = torch.cat([hf[m + "gate_proj.weight"], hf[m + "up_proj.weight"]])
-        out[f"blocks.{i}.ffn.down.weight"] = hf[m + "down_proj.weight"]
-    return out
-
-
-# Our config keys -> HF config.json's, to name the file's own key when a value is refused.
-GPT2_KEYS = {"vocab_size": "vocab_size", "context_length": "n_positions", "d_model": "n_embd",
-             "n_layers": "n_layer", "n_heads": "n_head"}
-LLAMA_KEYS = {"vocab_size": "vocab_size", "context_length": "max_position_embeddings", "d_model": "hidden_size",
-              "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
-              "n_kv_heads": "num_key_value_heads", "d_ff": "intermediate_size", "norm_eps": "rms_norm_eps",
-              "rope_base": "rope_theta"}
-
-
-def _hf_config(folder: Path, cfg: dict) -> tuple[str, dict, object]:
-    """(architecture, our config, converter from HF tensor names to ours) for an HF config.json."""
-    kind = cfg.get("model_type")
-    if kind == "gpt2":
-        config = {ours: cfg[theirs] for ours, theirs in GPT2_KEYS.items()}
-        config["norm_eps"] = cfg.get("layer_norm_epsilon", 1e-5)
-        return "gpt", config, lambda state: convert_hf_gpt2(state, config["n_layers"])
-    if kind in ("llama", "mistral"):
-        # transformers >= 5 writes rope_parameters; older versions rope_theta + rope_scaling.
-        rope = cfg.get("rope_parameters") or {**(cfg.get("rope_scaling") or {}), "rope_theta": cfg.get("rope_theta", 10000.0)}
-        scaling = rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None
-        if scaling and scaling.get("rope_type", scaling.get("type")) != "llama3":
-            raise CheckpointError(f"{folder}: rope_scaling {scaling} is not supported (only llama3)")
-        if scaling:
-            scaling = {k: scaling[k] for k in ("factor", "low_freq_factor", "high_freq_factor")} | {
-                "original_context_length": scaling["original_max_position_embeddings"]}
-        tied = bool(cfg.get("tie_word_embeddings", False))
-        n_kv = cfg.get("num_key_value_heads")   # absent: as many as query heads; 0 is refused below
-        config = dict(vocab_size=cfg["vocab_size"], context_length=cfg["max_position_embeddings"],
-                      d_model=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
-                      n_kv_heads=cfg["num_attention_heads"] if n_kv is None else n_kv, d_ff=cfg["intermediate_size"],
-                      rope_base=float_or_raw(rope.get("rope_theta", 10000.0)),
-                      rope_scaling=scaling, norm_eps=cfg.get("rms_norm_eps", 1e-5),
-                      tie_embeddings=tied, attn_bias=bool(cfg.get("attention_bias", False)))
-        return "llama", config, lambda state: convert_hf_llama(state, config["n_layers"], tied)
-    raise CheckpointError(f"{folder}: model_type {kind!r} is not supported (gpt2, llama, mistral)")
 
 
 def load_hf(folder: Path):
     """(architecture, config, state_dict) of an HF folder; the config is checked against the
     safetensors header before any tensor is read."""
+    from models.architectures import by_hf_model_type
     from models.shapes import check_fits, make_config
     config_file = folder / "config.json"
     cfg = read_json(config_file, HF_CONFIG)
     files = _safetensors_files(folder)
+    arch = by_hf_model_type(cfg.get("model_type"), str(folder))
     try:
-        arch, config, convert = _hf_config(folder, cfg)
+        config, convert = arch.from_hf(cfg, folder)
     except KeyError as e:
         raise CheckpointError(f"{config_file}: key {e} missing for a {cfg.get('model_type')} checkpoint") from None
 
@@ -246,13 +178,12 @@ def load_hf(folder: Path):
         except RuntimeError as e:  # torch.cat of q/k/v whose shapes disagree
             raise CheckpointError(f"{folder}: tensor shapes do not fit {config_file.name} ({e})") from None
 
-    names = (GPT2_KEYS | {"norm_eps": "layer_norm_epsilon"}) if arch == "gpt" else LLAMA_KEYS
     # The sizes first (a negative n_layer would convert to an empty state), then the header's shapes.
-    make_config(arch, config, str(config_file), names)
+    make_config(arch.name, config, str(config_file), arch.hf_keys)
     weights = files[0].name if len(files) == 1 else f"the {len(files)} shards of {folder}"
-    check_fits(arch, config, converted(_read_safetensors(files, header_only=True)), str(config_file), weights,
-               HF_CONFIG, names)
-    return arch, config, converted(_read_safetensors(files))
+    check_fits(arch.name, config, converted(_read_safetensors(files, header_only=True)), str(config_file), weights,
+               HF_CONFIG, arch.hf_keys)
+    return arch.name, config, converted(_read_safetensors(files))
 
 
 # --- GGUF (the loader itself is models/gguf_import.py) ---------------------------------------------

@@ -7,6 +7,8 @@ from typing import Sequence
 
 import torch
 
+from models.protocol import Model
+
 
 def pad_right(token_lists: Sequence[Sequence[int]], pad_id: int, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, T] right-padded tokens (each text cut to its first max_length tokens) and [B] lengths."""
@@ -18,7 +20,7 @@ def pad_right(token_lists: Sequence[Sequence[int]], pad_id: int, max_length: int
     return tokens, torch.tensor([len(t) for t in cut])
 
 
-def class_logits(model, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+def class_logits(model: Model, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """tokens [B, T], lengths [B] -> class logits [B, num_classes] at each row's last real token."""
     hidden = model.hidden_states(tokens)                                   # [B, T, D]
     last = hidden[torch.arange(tokens.shape[0], device=tokens.device), lengths.to(tokens.device) - 1]

@@ -6,6 +6,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from models.protocol import Model
+
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
                 generator: torch.Generator | None) -> torch.Tensor:
@@ -28,7 +30,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
 
 @torch.inference_mode()
 def generate_tokens(
-    model,
+    model: Model,
     prompts: Sequence[Sequence[int]],
     *,
     max_new_tokens: int,

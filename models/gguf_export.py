@@ -3,16 +3,11 @@
     from models.gguf_export import gguf_vocab, write_gguf
     write_gguf("model.gguf", model, gguf_vocab(tokenizer), dtype="f16", name="my-model")
 
-Tensor names, layouts and metadata follow llama.cpp's convert_hf_to_gguf.py:
-
-- llama: token_embd, blk.N.{attn_norm, attn_q, attn_k, attn_v, attn_output, ffn_norm, ffn_gate,
-  ffn_up, ffn_down}, output_norm, output (untied only). q/k rows are permuted into llama.cpp's
-  interleaved RoPE layout (the inverse of models.checkpoint's un-permute). Llama-3 RoPE scaling is
-  a `rope_freqs` tensor of per-frequency factors, as the converter writes it; the parameters that
-  produced it also go under `harness.rope_scaling.*` (llama.cpp ignores unknown keys) so our loader
-  rebuilds the exact config.
-- gpt2: token_embd, position_embd, blk.N.{attn_norm, attn_qkv (fused), attn_output, ffn_norm,
-  ffn_up, ffn_down} with biases, output_norm, output (untied only).
+Tensor names, layouts and metadata follow llama.cpp's convert_hf_to_gguf.py. What every layout
+shares is written here: the five sizes, token_embd first and output (untied heads only) last. The
+architecture's entry in models/architectures.py gives its llama.cpp name, the rest of its metadata
+(`gguf_hparams`) and the tensors in between (`gguf_tensors`, beside its model: e.g. llama's q/k rows
+permuted into llama.cpp's interleaved RoPE layout, and Llama-3 RoPE scaling as `rope_freqs`).
 
 The tokenizer is llama.cpp's "gpt2" (byte-level BPE) model with pre-tokenizer "gpt-2" (GPT-2's
 regex) or "smollm" (every digit split first). Weights are stored [out, in] like nn.Linear; 1-D tensors (norms, biases, rope factors) stay F32
@@ -33,23 +28,17 @@ import numpy as np
 import torch
 
 from harness.cli import UserError
-from models.llama import LlamaConfig, rope_frequencies
+from models.architectures import lookup, with_hook
+from models.protocol import Model
 
 QTYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
           "bf16": gguf.GGMLQuantizationType.BF16}
 FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
               "bf16": gguf.LlamaFileType.MOSTLY_BF16}
-GGUF_ARCH = {"gpt": gguf.MODEL_ARCH.GPT2, "llama": gguf.MODEL_ARCH.LLAMA}
-ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_context_length")
-T = gguf.MODEL_TENSOR
 
 
 class ExportError(UserError):
     """A model or tokenizer that GGUF (or llama.cpp) cannot represent."""
-
-
-def tensor_name(kind: gguf.MODEL_TENSOR, block: int | None = None, suffix: str = "weight") -> str:
-    return gguf.TENSOR_NAMES[kind].format(bid=block) + f".{suffix}"
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -187,62 +176,13 @@ def gguf_vocab(tok) -> GGUFVocab:
 
 # ----------------------------------------------------------------------------- tensors
 
-def permute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Half-split q/k rows -> llama.cpp's interleaved pairs (convert_hf_to_gguf's LlamaModel.permute)."""
-    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def rope_factors(cfg: LlamaConfig) -> torch.Tensor | None:
-    """Llama-3 scaling as llama.cpp applies it: theta_i / factor_i (None for plain RoPE)."""
-    if not cfg.rope_scaling:
-        return None
-    return rope_frequencies(replace(cfg, rope_scaling=None)) / rope_frequencies(cfg)
-
-
-def gpt2_tensors(model) -> Iterator[tuple[str, torch.Tensor]]:
-    s, cfg = model.state_dict(), model.config
-    yield tensor_name(T.TOKEN_EMBD), s["tok_emb.weight"]
-    yield tensor_name(T.POS_EMBD), s["pos_emb.weight"]
-    pairs = {"ln1": T.ATTN_NORM, "attn.qkv": T.ATTN_QKV, "attn.proj": T.ATTN_OUT,
-             "ln2": T.FFN_NORM, "mlp.fc": T.FFN_UP, "mlp.proj": T.FFN_DOWN}
-    for i in range(cfg.n_layers):
-        for ours, kind in pairs.items():
-            weight = s[f"blocks.{i}.{ours}.weight"]
-            yield tensor_name(kind, i), weight
-            # llama.cpp requires every gpt2 bias; a bias-free qkv (qkv_bias=False) is a zero bias
-            bias = s.get(f"blocks.{i}.{ours}.bias", torch.zeros(weight.shape[0]))
-            yield tensor_name(kind, i, "bias"), bias
-    yield tensor_name(T.OUTPUT_NORM), s["final_norm.weight"]
-    yield tensor_name(T.OUTPUT_NORM, suffix="bias"), s["final_norm.bias"]
+def _tensors(arch, model: Model) -> Iterator[tuple[str, torch.Tensor]]:
+    """(llama.cpp name, tensor) in file order: the embedding, the architecture's own, the head."""
+    s = model.state_dict()
+    yield "token_embd.weight", s["tok_emb.weight"]
+    yield from arch.gguf_tensors(model.config, s)
     if "head.weight" in s:
-        yield tensor_name(T.OUTPUT), s["head.weight"]
-
-
-def llama_tensors(model) -> Iterator[tuple[str, torch.Tensor]]:
-    s, cfg = model.state_dict(), model.config
-    yield tensor_name(T.TOKEN_EMBD), s["tok_emb.weight"]
-    if (factors := rope_factors(cfg)) is not None:
-        yield tensor_name(T.ROPE_FREQS), factors
-    sizes = [cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim]
-    for i in range(cfg.n_layers):
-        b = f"blocks.{i}."
-        yield tensor_name(T.ATTN_NORM, i), s[b + "attn_norm.weight"]
-        for suffix in ("weight", "bias"):
-            if b + f"attn.qkv.{suffix}" not in s:
-                continue
-            q, k, v = s[b + f"attn.qkv.{suffix}"].split(sizes)
-            yield tensor_name(T.ATTN_Q, i, suffix), permute_rope(q, cfg.n_heads)
-            yield tensor_name(T.ATTN_K, i, suffix), permute_rope(k, cfg.n_kv_heads)
-            yield tensor_name(T.ATTN_V, i, suffix), v
-        yield tensor_name(T.ATTN_OUT, i), s[b + "attn.o_proj.weight"]
-        yield tensor_name(T.FFN_NORM, i), s[b + "ffn_norm.weight"]
-        gate, up = s[b + "ffn.gate_up.weight"].chunk(2)
-        yield tensor_name(T.FFN_GATE, i), gate
-        yield tensor_name(T.FFN_UP, i), up
-        yield tensor_name(T.FFN_DOWN, i), s[b + "ffn.down.weight"]
-    yield tensor_name(T.OUTPUT_NORM), s["final_norm.weight"]
-    if "head.weight" in s:
-        yield tensor_name(T.OUTPUT), s["head.weight"]
+        yield "output.weight", s["head.weight"]
 
 
 def _encode(t: torch.Tensor, dtype: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
@@ -253,25 +193,13 @@ def _encode(t: torch.Tensor, dtype: str) -> tuple[np.ndarray, gguf.GGMLQuantizat
 
 # ----------------------------------------------------------------------------- metadata
 
-def _add_hparams(w: gguf.GGUFWriter, model, vocab_size: int) -> None:
-    cfg = model.config
-    w.add_vocab_size(vocab_size)
+def _add_hparams(w: gguf.GGUFWriter, arch, cfg) -> None:
+    w.add_vocab_size(cfg.vocab_size)
     w.add_context_length(cfg.context_length)
     w.add_embedding_length(cfg.d_model)
     w.add_block_count(cfg.n_layers)
     w.add_head_count(cfg.n_heads)
-    if model.architecture == "gpt":
-        w.add_feed_forward_length(4 * cfg.d_model)
-        w.add_layer_norm_eps(cfg.norm_eps)
-        return
-    w.add_feed_forward_length(cfg.d_ff)
-    w.add_head_count_kv(cfg.n_kv_heads)
-    w.add_layer_norm_rms_eps(cfg.norm_eps)
-    w.add_rope_dimension_count(cfg.head_dim)
-    w.add_rope_freq_base(cfg.rope_base)
-    for key in ROPE_SCALING_KEYS if cfg.rope_scaling else ():  # see the module docstring
-        value = cfg.rope_scaling[key]
-        (w.add_uint32 if key == "original_context_length" else w.add_float32)(f"harness.rope_scaling.{key}", value)
+    arch.gguf_hparams(w, cfg)
 
 
 def _add_tokenizer(w: gguf.GGUFWriter, vocab: GGUFVocab) -> None:
@@ -293,7 +221,7 @@ def _add_tokenizer(w: gguf.GGUFWriter, vocab: GGUFVocab) -> None:
 
 # ----------------------------------------------------------------------------- writer
 
-def write_gguf(path: str | Path, model, vocab: GGUFVocab, dtype: str = "f32", name: str = "",
+def write_gguf(path: str | Path, model: Model, vocab: GGUFVocab, dtype: str = "f32", name: str = "",
                overwrite: bool = False, progress: bool = True) -> Path:
     """Write `model` (fp32 weights, any device) and its vocabulary as one GGUF file, atomically:
     into a temporary sibling, fsynced, then renamed over `path`."""
@@ -303,13 +231,13 @@ def write_gguf(path: str | Path, model, vocab: GGUFVocab, dtype: str = "f32", na
     if getattr(model.config, "num_classes", 0):
         raise ExportError("a classifier checkpoint (num_classes > 0) cannot be exported: GGUF has no "
                           "class heads, only a vocabulary head")
-    if model.architecture not in GGUF_ARCH:
-        raise ExportError(f"architecture {model.architecture!r} has no GGUF layout here (gpt, llama)")
+    arch = lookup(model.architecture)
+    if arch.gguf_tensors is None:
+        raise ExportError(f"architecture {arch.name!r} has no GGUF layout here "
+                          f"({', '.join(with_hook('gguf_tensors'))})")
     if path.exists() and not overwrite:
         raise ExportError(f"{path} already exists; pass overwrite=true or choose another output file")
     vocab = vocab.padded(model.config.vocab_size)
-    arch = gguf.MODEL_ARCH_NAMES[GGUF_ARCH[model.architecture]]
-    tensors = gpt2_tensors(model) if model.architecture == "gpt" else llama_tensors(model)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -317,16 +245,16 @@ def write_gguf(path: str | Path, model, vocab: GGUFVocab, dtype: str = "f32", na
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the result should read like any new file
-    writer = gguf.GGUFWriter(tmp, arch)
+    writer = gguf.GGUFWriter(tmp, arch.gguf_names[0])
     try:
         writer.add_type(gguf.GGUFType.MODEL)
         if name:
             writer.add_name(name)
         writer.add_file_type(FILE_TYPES[dtype])
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        _add_hparams(writer, model, model.config.vocab_size)
+        _add_hparams(writer, arch, model.config)
         _add_tokenizer(writer, vocab)
-        for tensor, weights in tensors:
+        for tensor, weights in _tensors(arch, model):
             data, qtype = _encode(weights, dtype)
             writer.add_tensor(tensor, data, raw_dtype=qtype)
         writer.write_header_to_file()

@@ -1,18 +1,22 @@
 """GPT-2: learned positions, pre-LayerNorm blocks, GELU MLP, tied vocabulary head.
 
 Follows "Build a Large Language Model (From Scratch)" ch04 and nanoGPT. Weights use our own names;
-`models/checkpoint.py` maps Hugging Face GPT-2 (Conv1D, transposed) onto them.
+the end of this file maps Hugging Face GPT-2 (Conv1D, transposed) and llama.cpp's `gpt2` GGUF
+layout onto them, for the loaders and the exporter (wired up in models/architectures.py).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models import protocol
 from models.cache import KVCache, attention_mask
+from models.checkpoint import float_or_raw, strip_prefix
 
 
 @dataclass
@@ -47,13 +51,6 @@ GPT_CONFIGS: dict[str, dict] = {
     "gpt-tiny": dict(context_length=256, d_model=64, n_layers=2, n_heads=4),
     "gpt-small": dict(context_length=256, d_model=256, n_layers=4, n_heads=4),
 }
-
-
-def output_head(cfg) -> nn.Linear | None:
-    """The vocabulary head (None when tied to the embedding) or a classifier's num_classes head."""
-    if cfg.num_classes:
-        return nn.Linear(cfg.d_model, cfg.num_classes)
-    return None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
 
 
 class CausalSelfAttention(nn.Module):
@@ -112,7 +109,7 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.final_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.head = output_head(cfg)
+        self.head = protocol.output_head(cfg)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
             if name.endswith("proj.weight"):
@@ -125,31 +122,95 @@ class GPT(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def hidden_states(self, tokens: torch.Tensor, cache: KVCache | None = None,
-                      positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None):
-        """tokens [B, T] -> final-normed hidden states [B, T, d_model]."""
-        B, T = tokens.shape
+    def embed(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
+        """tokens [B, T] -> token + position embeddings [B, T, d_model] (positions None: start .. start + T)."""
         if positions is None:
-            start = cache.length if cache is not None else 0
-            positions = torch.arange(start, start + T, device=tokens.device)
+            positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
         if int(positions.max()) >= self.config.context_length:
             raise ValueError(f"sequence longer than the model's context ({self.config.context_length})")
-        x = self.drop(self.tok_emb(tokens) + self.pos_emb(positions))
-        for i, block in enumerate(self.blocks):
-            x = block(x, i, cache, attn_mask)
-        if cache is not None:
-            cache.advance(T)
-        return self.final_norm(x)
+        return self.drop(self.tok_emb(tokens) + self.pos_emb(positions))
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[..., d_model] -> [..., vocab]; callers pass only the positions they need."""
-        weight = self.tok_emb.weight if self.head is None else self.head.weight
-        return F.linear(hidden, weight)
+    def run_blocks(self, x: torch.Tensor, first: int = 0, last: int | None = None, *, cache: KVCache | None = None,
+                   positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Blocks [first, last) on x [B, T, d_model]; positions entered in `embed` already."""
+        for i in range(first, len(self.blocks) if last is None else last):
+            x = self.blocks[i](x, i, cache, attn_mask)
+        return x
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.logits(self.hidden_states(tokens))
+    # The rest of the Model protocol, shared by the architectures (models/protocol.py).
+    hidden_states, logits, forward, new_cache = (protocol.hidden_states, protocol.logits, protocol.forward,
+                                                 protocol.new_cache)
 
-    def new_cache(self, batch: int, capacity: int) -> KVCache:
-        p = self.tok_emb.weight
-        cfg = self.config
-        return KVCache(cfg.n_layers, batch, cfg.n_heads, cfg.head_dim, capacity, p.dtype, p.device)
+
+# --- Hugging Face and GGUF files (the "gpt" entry of models/architectures.py) ---------------------
+
+# Our config keys -> HF config.json's, to name the file's own key when a value is refused.
+HF_KEYS = {"vocab_size": "vocab_size", "context_length": "n_positions", "d_model": "n_embd",
+           "n_layers": "n_layer", "n_heads": "n_head", "norm_eps": "layer_norm_epsilon"}
+# Our block parameters -> llama.cpp's gpt2 tensors (each with weight and bias), in its file order.
+GGUF_BLOCK = {"ln1": "attn_norm", "attn.qkv": "attn_qkv", "attn.proj": "attn_output",
+              "ln2": "ffn_norm", "mlp.fc": "ffn_up", "mlp.proj": "ffn_down"}
+
+
+def from_hf(cfg: dict, folder) -> tuple[dict, Callable[[dict], dict]]:
+    """(our config, HF state_dict -> ours) for a GPT-2 config.json."""
+    config = {ours: cfg[HF_KEYS[ours]] for ours in ("vocab_size", "context_length", "d_model", "n_layers", "n_heads")}
+    config["norm_eps"] = cfg.get("layer_norm_epsilon", 1e-5)
+    return config, lambda state: convert_hf(state, config["n_layers"])
+
+
+def convert_hf(hf: dict, n_layers: int) -> dict[str, torch.Tensor]:
+    """HF GPT-2 stores Linear layers as Conv1D ([in, out]); ours are nn.Linear ([out, in])."""
+    hf = strip_prefix(hf, "transformer.")
+    out = {"tok_emb.weight": hf["wte.weight"], "pos_emb.weight": hf["wpe.weight"],
+           "final_norm.weight": hf["ln_f.weight"], "final_norm.bias": hf["ln_f.bias"]}
+    pairs = {"ln_1": "ln1", "ln_2": "ln2", "attn.c_attn": "attn.qkv", "attn.c_proj": "attn.proj",
+             "mlp.c_fc": "mlp.fc", "mlp.c_proj": "mlp.proj"}
+    for i in range(n_layers):
+        for theirs, ours in pairs.items():
+            w = hf[f"h.{i}.{theirs}.weight"]
+            out[f"blocks.{i}.{ours}.weight"] = w if theirs.startswith("ln") else w.t().contiguous()
+            out[f"blocks.{i}.{ours}.bias"] = hf[f"h.{i}.{theirs}.bias"]
+    return out
+
+
+def hf_tokenizer(folder):
+    """HF GPT-2 folders ship GPT-2's own BPE (vocab.json + merges.txt), which is ours."""
+    from models.tokenizer import gpt2_tokenizer
+    return gpt2_tokenizer()
+
+
+def gguf_config(header, config: dict) -> dict:
+    """`config` (the keys every GGUF gives, models/gguf_import.py) completed from the metadata."""
+    return config | {"norm_eps": float_or_raw(header.get("attention.layer_norm_epsilon", 1e-5))}
+
+
+def gguf_state(config: dict, t: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our tensors but the embedding and vocabulary head, from llama.cpp's gpt2 layout (fused
+    attn_qkv, Linear weights [out, in] as ours); t(name) -> tensor (a meta tensor for shapes alone)."""
+    state = {"pos_emb.weight": t("position_embd.weight"), "final_norm.weight": t("output_norm.weight"),
+             "final_norm.bias": t("output_norm.bias")}
+    for i in range(config["n_layers"]):
+        for ours, theirs in GGUF_BLOCK.items():
+            for p in ("weight", "bias"):
+                state[f"blocks.{i}.{ours}.{p}"] = t(f"blk.{i}.{theirs}.{p}")
+    return state
+
+
+def gguf_hparams(writer, cfg: GPTConfig) -> None:
+    """Metadata beyond the sizes every GGUF holds (models/gguf_export.py)."""
+    writer.add_feed_forward_length(4 * cfg.d_model)
+    writer.add_layer_norm_eps(cfg.norm_eps)
+
+
+def gguf_tensors(cfg: GPTConfig, s: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """gguf_state's inverse: (llama.cpp name, tensor) in the order its converter writes them."""
+    yield "position_embd.weight", s["pos_emb.weight"]
+    for i in range(cfg.n_layers):
+        for ours, theirs in GGUF_BLOCK.items():
+            weight = s[f"blocks.{i}.{ours}.weight"]
+            yield f"blk.{i}.{theirs}.weight", weight
+            # llama.cpp requires every gpt2 bias; a bias-free qkv (qkv_bias=False) is a zero bias
+            yield f"blk.{i}.{theirs}.bias", s.get(f"blocks.{i}.{ours}.bias", torch.zeros(weight.shape[0]))
+    yield "output_norm.weight", s["final_norm.weight"]
+    yield "output_norm.bias", s["final_norm.bias"]

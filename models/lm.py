@@ -56,6 +56,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from harness.cli import UserError
 from models.generate import generate_tokens  # noqa: E402
+from models.protocol import Model  # noqa: E402
 
 
 @dataclass
@@ -66,7 +67,7 @@ class _Unit:
 
 
 class TorchLM:
-    """LM protocol over a `models.gpt.GPT` / `models.llama.Llama` and its tokenizer.
+    """LM protocol over any `Model` (models/protocol.py) and its tokenizer.
 
     Speed comes from doing less work, never from approximations:
     - requests sharing a context with one-token continuations (MMLU's " A".." D") share one forward;
@@ -75,7 +76,7 @@ class TorchLM:
     - batches are length-sorted, so padding is small.
     """
 
-    def __init__(self, model, tokenizer, *, name: str, info: dict | None = None,
+    def __init__(self, model: Model, tokenizer, *, name: str, info: dict | None = None,
                  max_batch_tokens: int = 4096, min_shared_prefix: int = 64, progress: bool = True):
         self.model = _inference_layout(model.eval())
         self.tokenizer = tokenizer

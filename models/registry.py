@@ -16,10 +16,9 @@ from pathlib import Path
 import torch
 
 from harness.cli import UserError
+from models.architectures import lookup
 from models.checkpoint import CheckpointError, build_model, load_any, load_weights, read_labels
 from models.download import MissingFileError, ensure_file, models_root, sha256_file
-from models.gpt import GPT_CONFIGS
-from models.llama import LLAMA_CONFIGS
 from models.lm import TorchLM
 
 HF = "https://huggingface.co/openai-community/{repo}/resolve/main/{file}"
@@ -105,7 +104,7 @@ def load_model(name_or_path: str):
     from models.tokenizer import gguf_tokenizer, gpt2_tokenizer, load_tokenizer
     if name_or_path in MODELS and MODELS[name_or_path].kind == "init":
         arch, config_name = MODELS[name_or_path].init
-        config = (GPT_CONFIGS if arch == "gpt" else LLAMA_CONFIGS)[config_name]
+        config = lookup(arch).configs[config_name]
         torch.manual_seed(0)  # "random" weights that are the same in every run
         return build_model(arch, config), gpt2_tokenizer(), {"checkpoint_sha": f"init-seed0-{config_name}", "provenance": ""}
     if name_or_path in MODELS:
@@ -123,8 +122,9 @@ def load_model(name_or_path: str):
         tokenizer = gguf_tokenizer(path)
     elif kind == "native":
         tokenizer = load_tokenizer(path)
-    else:  # HF folder: GPT-2 uses the GPT-2 BPE; others ship tokenizer.json
-        tokenizer = gpt2_tokenizer() if arch == "gpt" else load_tokenizer(path)
+    else:  # HF folder: its own tokenizer files, unless the architecture says otherwise (GPT-2)
+        hf_tokenizer = lookup(arch).hf_tokenizer
+        tokenizer = hf_tokenizer(path) if hf_tokenizer else load_tokenizer(path)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise CheckpointError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
                               f"{model.config.vocab_size}; the tokenizer does not belong to this model")

@@ -13,7 +13,8 @@ from dataclasses import fields, replace
 
 import torch
 
-from models.checkpoint import ARCHITECTURES, CheckpointError
+from models.architectures import lookup
+from models.checkpoint import CheckpointError
 
 # Sizes that must be whole numbers >= 1 (num_classes may be 0: no classifier head).
 SIZES = ("vocab_size", "context_length", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff")
@@ -22,9 +23,7 @@ SIZES = ("vocab_size", "context_length", "d_model", "n_layers", "n_heads", "n_kv
 def make_config(architecture: str, config, source: str, names: dict[str, str] | None = None):
     """The config dataclass, refusing unknown keys and sizes no model can have. `source` names the
     file the config came from; `names` maps our keys to the file's own (HF's n_embd, GGUF's keys)."""
-    if architecture not in ARCHITECTURES:
-        raise CheckpointError(f"{source}: unknown architecture {architecture!r}; known: {', '.join(ARCHITECTURES)}")
-    config_cls, _ = ARCHITECTURES[architecture]
+    config_cls = lookup(architecture, source).config
     if isinstance(config, dict):
         known = [f.name for f in fields(config_cls)]
         unknown = sorted(set(config) - set(known), key=str)
@@ -35,11 +34,12 @@ def make_config(architecture: str, config, source: str, names: dict[str, str] | 
     elif not isinstance(config, config_cls):
         raise CheckpointError(f"{source}: a {type(config).__name__} is not a {architecture} config "
                               f"(a mapping of {config_cls.__name__} settings)")
-    _check_values(architecture, config, source, names or {})
+    _check_values(config, source, names or {})
     return config
 
 
-def _check_values(architecture: str, config, source: str, names: dict[str, str]) -> None:
+def _check_values(config, source: str, names: dict[str, str]) -> None:
+    """Checks by config field, not by architecture: every architecture with a field shares its meaning."""
     def bad(key: str, want: str):
         value = getattr(config, key)
         raise CheckpointError(f"{source}: {names.get(key, key)}={value!r} is not valid; it must be {want}")
@@ -64,11 +64,11 @@ def _check_values(architecture: str, config, source: str, names: dict[str, str])
             bad(f.name, "true or false")
     if config.d_model % config.n_heads:
         bad("d_model", f"a multiple of n_heads={config.n_heads}")
-    if architecture == "llama":
-        if config.n_heads % config.n_kv_heads:
-            bad("n_heads", f"a multiple of n_kv_heads={config.n_kv_heads}")
-        if config.head_dim % 2:
-            bad("d_model", f"n_heads={config.n_heads} times an even head size (RoPE rotates pairs)")
+    if config.n_heads % config.n_kv_heads:
+        bad("n_heads", f"a multiple of n_kv_heads={config.n_kv_heads}")
+    if hasattr(config, "rope_base") and config.head_dim % 2:   # a RoPE model
+        bad("d_model", f"n_heads={config.n_heads} times an even head size (RoPE rotates pairs)")
+    if hasattr(config, "rope_scaling"):
         s, keys = config.rope_scaling, ("factor", "low_freq_factor", "high_freq_factor", "original_context_length")
         if s is not None and not (isinstance(s, dict) and all(real(s.get(k)) and s[k] > 0 for k in keys)):
             bad("rope_scaling", f"null or a mapping of {', '.join(keys)} (numbers > 0)")
@@ -77,7 +77,7 @@ def _check_values(architecture: str, config, source: str, names: dict[str, str])
 def meta_state(architecture: str, config) -> dict[str, torch.Tensor]:
     """The state_dict a model of `config` has, as meta tensors: shapes without storage."""
     with torch.device("meta"):
-        return ARCHITECTURES[architecture][1](config).state_dict()
+        return lookup(architecture).build(config).state_dict()
 
 
 def count(state: dict[str, torch.Tensor]) -> int:
@@ -123,7 +123,7 @@ def check_fits(architecture: str, config, found: dict[str, torch.Tensor], config
     if detail:
         raise CheckpointError(f"{weights_src} does not fit a {architecture} model of the config in {config_src} "
                               f"({detail}); {fix}")
-    if architecture == "llama" and 2 * config.context_length * config.head_dim > held:
+    if hasattr(config, "rope_base") and 2 * config.context_length * config.head_dim > held:
         # The RoPE cos/sin tables are built for every position: an absurd context allocates them.
         raise CheckpointError(f"{config_src}: {(names or {}).get('context_length', 'context_length')}="
                               f"{config.context_length} needs RoPE tables larger than the model's {human(held)} "

@@ -20,8 +20,8 @@ import torch.nn as nn
 
 from harness.cli import UserError
 from models.classifier import class_logits, pad_right
-from models.gpt import output_head
 from models.lora import apply_lora, lora_parameters
+from models.protocol import Model, output_head
 from tasks.sms_spam import LABELS
 
 
@@ -33,7 +33,7 @@ def encode(tokenizer, text: str) -> list[int]:
     return [tokenizer.bos_id] + ids if tokenizer.add_bos else ids
 
 
-def to_classifier(model: nn.Module, labels: Sequence[str] | None = None, seed: int = 123) -> nn.Module:
+def to_classifier(model: Model, labels: Sequence[str] | None = None, seed: int = 123) -> Model:
     """Replace the vocabulary head by a freshly initialised len(LABELS)-class head, in place.
     A model that already is a ham/spam classifier (a checkpoint of ours) keeps its head."""
     if model.config.num_classes and list(labels or []) == list(LABELS):
@@ -46,7 +46,7 @@ def to_classifier(model: nn.Module, labels: Sequence[str] | None = None, seed: i
     return model
 
 
-def set_trainable(model: nn.Module, trainable_blocks: int | str = 1, lora: dict | None = None) -> dict:
+def set_trainable(model: Model, trainable_blocks: int | str = 1, lora: dict | None = None) -> dict:
     """Freeze everything, then train the head, the final norm and the last `trainable_blocks`
     blocks ("all": every parameter, embeddings included). With `lora` ({rank, alpha[, targets,
     dropout]}), the remaining blocks' Linear layers get LoRA adapters (trained, base frozen).
@@ -95,16 +95,7 @@ def set_trainable(model: nn.Module, trainable_blocks: int | str = 1, lora: dict 
 
 # --- the frozen-prefix cache ---------------------------------------------------------------------
 
-def _block_args(model: nn.Module, length: int, dtype: torch.dtype) -> tuple:
-    """Extra positional arguments a block takes before (layer, cache, attn_mask)."""
-    if model.architecture == "llama":
-        return model.rope_cos[:length].to(dtype), model.rope_sin[:length].to(dtype)
-    if model.architecture == "gpt":
-        return ()
-    raise ValueError(f"no block-level forward for architecture {model.architecture!r}")
-
-
-def prefix_states(model: nn.Module, token_lists: Sequence[Sequence[int]], upto: int, pad_id: int,
+def prefix_states(model: Model, token_lists: Sequence[Sequence[int]], upto: int, pad_id: int,
                   max_length: int, batch_size: int = 16, autocast: bool = False) -> list[torch.Tensor]:
     """Output of blocks [0, upto) for each text, [T_i, d_model] (the input of block `upto`).
     Texts are cut like `pad_right` cuts them; runs in length-sorted batches without gradients."""
@@ -115,14 +106,7 @@ def prefix_states(model: nn.Module, token_lists: Sequence[Sequence[int]], upto: 
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
             tokens, lengths = pad_right([token_lists[i] for i in idx], pad_id, max_length)
-            tokens = tokens.to(dev)
-            T = tokens.shape[1]
-            x = model.tok_emb(tokens)
-            if model.architecture == "gpt":
-                x = model.drop(x + model.pos_emb(torch.arange(T, device=dev)))
-            args = _block_args(model, T, x.dtype)
-            for i in range(upto):
-                x = model.blocks[i](x, *args, i, None, None)
+            x = model.run_blocks(model.embed(tokens.to(dev)), 0, upto)
             for j, i in enumerate(idx):
                 out[i] = x[j, : int(lengths[j])].float().clone()
     return out
@@ -137,17 +121,15 @@ def pad_states(states: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tens
     return x, torch.tensor([s.shape[0] for s in states])
 
 
-def suffix_class_logits(model: nn.Module, x: torch.Tensor, lengths: torch.Tensor, start: int) -> torch.Tensor:
+def suffix_class_logits(model: Model, x: torch.Tensor, lengths: torch.Tensor, start: int) -> torch.Tensor:
     """Blocks [start, L), final norm and head on cached states -> [B, num_classes] at the last real
     token: the same numbers `class_logits(model, tokens, lengths)` gives on the whole model."""
-    args = _block_args(model, x.shape[1], x.dtype)
-    for i in range(start, len(model.blocks)):
-        x = model.blocks[i](x, *args, i, None, None)
+    x = model.run_blocks(x, start)
     last = x[torch.arange(x.shape[0], device=x.device), lengths.to(x.device) - 1]
     return model.logits(model.final_norm(last))
 
 
-def batch_logits(model: nn.Module, batch: dict, start: int) -> torch.Tensor:
+def batch_logits(model: Model, batch: dict, start: int) -> torch.Tensor:
     """Class logits for a batch: {"states", "lengths"} (cached prefix) or {"tokens", "lengths"}."""
     if "states" in batch:
         return suffix_class_logits(model, batch["states"], batch["lengths"], start)
@@ -182,7 +164,7 @@ def make_collate(pad_id: int, max_length: int):
     return collate
 
 
-def accuracy(model: nn.Module, batches, start: int, device) -> tuple[int, int]:
+def accuracy(model: Model, batches, start: int, device) -> tuple[int, int]:
     """(correct, total) over an iterable of collated batches, no gradients."""
     from harness.train.loop import to_device
     right = total = 0

@@ -18,13 +18,11 @@ from harness.cli import UserError
 from harness.train import data as D
 from harness.train.loop import rank_world, settings_from, train
 from harness.train.state import check_output
+from models.architectures import lookup
 from models.checkpoint import CheckpointError, build_model, load_weights
-from models.gpt import GPT_CONFIGS
-from models.llama import LLAMA_CONFIGS
 from models.shapes import check_fits
 
 log = logging.getLogger("harness.train")
-NAMED_CONFIGS = {"gpt": GPT_CONFIGS, "llama": LLAMA_CONFIGS}
 
 
 def lm_loss(model, batch) -> torch.Tensor:
@@ -71,9 +69,7 @@ def build(cfg) -> tuple[torch.nn.Module, object, dict | None]:
         parent = {"name": str(t.init_from), "checkpoint_sha": info.get("checkpoint_sha"),
                   "provenance": info.get("provenance") or None}
         return model, tokenizer, parent
-    if want_arch not in NAMED_CONFIGS:
-        raise UserError(f"model.arch must be one of {', '.join(NAMED_CONFIGS)} (got {want_arch!r})")
-    named = NAMED_CONFIGS[want_arch]
+    named = lookup(want_arch, "model.arch").configs
     if t.model.config not in named:
         raise UserError(f"unknown {want_arch} config {t.model.config!r}; known: {', '.join(named)}")
     tokenizer = load_tokenizer_for(str(t.tokenizer))
