@@ -4,7 +4,7 @@ which architectures exist.
 Loaders, the exporter, serving and the trainers look an architecture up here (by our name, an HF
 config.json `model_type` or a GGUF `general.architecture`) and call the entry's hooks; none of them
 branches on an architecture, and the torch side of a model is used only through the `Model`
-protocol (models/protocol.py). So adding an architecture is one model file plus one entry below:
+protocol (models/decoder.py). So adding an architecture is one model file plus one entry below:
 
     Architecture(name="qwen3", config=Qwen3Config, build=Qwen3, configs=QWEN3_CONFIGS,
                  hf_model_types=("qwen3",), hf_keys=qwen3.HF_KEYS, from_hf=qwen3.from_hf,

@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-from models.protocol import Model
+from models.decoder import Model
 
 
 def pad_right(token_lists: Sequence[Sequence[int]], pad_id: int, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,7 +6,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from models.protocol import Model
+from models.decoder import Model
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,

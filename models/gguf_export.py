@@ -29,7 +29,7 @@ import torch
 
 from harness.cli import UserError
 from models.architectures import lookup, with_hook
-from models.protocol import Model
+from models.decoder import Model
 
 QTYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
           "bf16": gguf.GGMLQuantizationType.BF16}

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models import protocol
+from models import decoder
 from models.cache import KVCache, attention_mask
 from models.checkpoint import float_or_raw, strip_prefix
 
@@ -109,7 +109,7 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.final_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.head = protocol.output_head(cfg)
+        self.head = decoder.output_head(cfg)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
             if name.endswith("proj.weight"):
@@ -137,9 +137,9 @@ class GPT(nn.Module):
             x = self.blocks[i](x, i, cache, attn_mask)
         return x
 
-    # The rest of the Model protocol, shared by the architectures (models/protocol.py).
-    hidden_states, logits, forward, new_cache = (protocol.hidden_states, protocol.logits, protocol.forward,
-                                                 protocol.new_cache)
+    # The rest of the Model protocol, shared by the architectures (models/decoder.py).
+    hidden_states, logits, forward, new_cache = (decoder.hidden_states, decoder.logits, decoder.forward,
+                                                 decoder.new_cache)
 
 
 # --- Hugging Face and GGUF files (the "gpt" entry of models/architectures.py) ---------------------

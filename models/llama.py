@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models import protocol
+from models import decoder
 from models.cache import KVCache, attention_mask
 from models.checkpoint import CheckpointError, float_or_raw, strip_prefix
 
@@ -131,7 +131,7 @@ class Llama(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.final_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.head = protocol.output_head(cfg)
+        self.head = decoder.output_head(cfg)
         for name, p in self.named_parameters():
             if p.dim() == 2:
                 std = 0.02 / math.sqrt(2 * cfg.n_layers) if name.endswith(("o_proj.weight", "down.weight")) else 0.02
@@ -163,9 +163,9 @@ class Llama(nn.Module):
             x = self.blocks[i](x, cos, sin, i, cache, attn_mask)
         return x
 
-    # The rest of the Model protocol, shared by the architectures (models/protocol.py).
-    hidden_states, logits, forward, new_cache = (protocol.hidden_states, protocol.logits, protocol.forward,
-                                                 protocol.new_cache)
+    # The rest of the Model protocol, shared by the architectures (models/decoder.py).
+    hidden_states, logits, forward, new_cache = (decoder.hidden_states, decoder.logits, decoder.forward,
+                                                 decoder.new_cache)
 
 
 # --- Hugging Face and GGUF files (the "llama" entry of models/architectures.py) -------------------

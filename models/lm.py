@@ -56,7 +56,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from harness.cli import UserError
 from models.generate import generate_tokens  # noqa: E402
-from models.protocol import Model  # noqa: E402
+from models.decoder import Model  # noqa: E402
 
 
 @dataclass
@@ -67,7 +67,7 @@ class _Unit:
 
 
 class TorchLM:
-    """LM protocol over any `Model` (models/protocol.py) and its tokenizer.
+    """LM protocol over any `Model` (models/decoder.py) and its tokenizer.
 
     Speed comes from doing less work, never from approximations:
     - requests sharing a context with one-token continuations (MMLU's " A".." D") share one forward;

@@ -1,4 +1,4 @@
-"""The architecture registry (models/architectures.py) and the Model protocol (models/protocol.py):
+"""The architecture registry (models/architectures.py) and the Model protocol (models/decoder.py):
 every entry is complete and self-consistent, unknown names are one error naming the known ones,
 and no module outside the model files and the registry knows which architectures exist."""
 from __future__ import annotations

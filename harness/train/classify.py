@@ -21,7 +21,7 @@ import torch.nn as nn
 from harness.cli import UserError
 from models.classifier import class_logits, pad_right
 from models.lora import apply_lora, lora_parameters
-from models.protocol import Model, output_head
+from models.decoder import Model, output_head
 from tasks.sms_spam import LABELS
 
 

@@ -3,7 +3,7 @@
     result = train(model, loss_fn, train_batches, val_batches, settings, run, tokenizer=tok,
                    sample_fn=None, provenance=None, labels=None, count_tokens=first_numel)
 
-model          a `Model` (models/protocol.py: GPT, Llama, ...), on any device. Parameters with
+model          a `Model` (models/decoder.py: GPT, Llama, ...), on any device. Parameters with
                requires_grad=True are trained; freeze the rest before calling.
 loss_fn        loss_fn(model, batch) -> scalar loss (mean over the batch), or a dict {"loss": scalar,
                name: scalar, ...} whose other entries are metrics (e.g. DPO's reward margin): they

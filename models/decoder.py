@@ -4,7 +4,7 @@ The LM adapter, generation, serving, GGUF export and the trainers see a model on
 names, so a new architecture (a model file plus its entry in models/architectures.py) works with
 all of them without their knowing it. A Protocol, not a base class: model files stay
 self-contained (nanoGPT style). The functions below are the parts every current architecture
-shares; a model class binds them as its methods (`hidden_states = protocol.hidden_states`), and an
+shares; a model class binds them as its methods (`hidden_states = decoder.hidden_states`), and an
 architecture that needs otherwise (a scaled embedding, a soft-capped head) writes its own.
 """
 from __future__ import annotations
