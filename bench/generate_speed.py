@@ -142,7 +142,7 @@ def main() -> None:
     ours = {d: load_lm("smollm2-135m-instruct", dtype=d, progress=False) for d in args.dtypes}
     theirs = load_transformers(args.dtypes)
     lm0 = next(iter(ours.values()))
-    ids = lm0._encode(lm0.chat_prompt([{"role": "user", "content": PROMPT}]))
+    ids = lm0.encode(lm0.chat_prompt([{"role": "user", "content": PROMPT}]))
     pad_id = lm0.tokenizer.eos_id
     print(f"loaded in {time.perf_counter() - t0:.1f}s; prompt {len(ids)} tokens, {n} new tokens, "
           f"{args.repeats} interleaved repeats", flush=True)

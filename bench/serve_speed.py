@@ -151,7 +151,7 @@ def main() -> None:
     summary = {
         "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
                     "processor": platform.processor() or platform.machine(), "load_avg_1m": os.getloadavg()[0]},
-        "model": args.model, "dtype": args.dtype, "tokens_per_call": tokens, "prompt_tokens": len(lm._encode(prompt)),
+        "model": args.model, "dtype": args.dtype, "tokens_per_call": tokens, "prompt_tokens": len(lm.encode(prompt)),
         "repeats": args.repeats, "server_tok_s": srv, "in_process_tok_s": loc, "ratio": srv / loc,
         "overhead": overhead, "target": f"overhead < {OVERHEAD_LIMIT:.0%}", "pass": ok, "same_text": same_text,
         "server_runs_s": server_s, "in_process_runs_s": local_s, "concurrent": conc,

@@ -2,7 +2,8 @@
 
 `rewrite_argv` runs before Hydra sees the command line: `model=<path>` becomes
 `model=checkpoint model.name=<path>` (so a checkpoint folder or .gguf file works like a registry
-name), and an unknown task or model is one line naming the valid ones instead of Hydra's report.
+name), `model=hf:<folder or hub id>` becomes `model=hf model.name=<it>` (the transformers backend),
+and an unknown task or model is one line naming the valid ones instead of Hydra's report.
 `instantiate` builds a config node (`_target_`) and unwraps Hydra's InstantiationException, so the
 task's or model's own UserError reaches the CLI as it was raised.
 """
@@ -49,16 +50,33 @@ def rewrite_argv(argv: list[str], conf_dir: Path = CONF_DIR) -> list[str]:
         group, value = m.groups()
         valid = _options(group, dirs)
         values = value.split(",")
+        if group == "model" and any(v.startswith(HF_PREFIX) for v in values):
+            out += _hf_models(values)
+            continue
         bad = [v for v in values if v not in valid and not (group == "model" and _looks_like_path(v))]
         if bad:
-            names = [v for v in valid if v != "checkpoint"]
-            hint = " (or a path to a checkpoint folder or .gguf file)" if group == "model" else ""
+            names = [v for v in valid if v not in ("checkpoint", "hf")]
+            hint = (" (or a path to a checkpoint folder or .gguf file, or hf:<folder or hub id>)"
+                    if group == "model" else "")
             raise UserError(f"unknown {group} '{bad[0]}'; valid {group}s: {', '.join(names)}{hint}")
         if group == "model" and any(v not in valid for v in values):
             out += ["model=checkpoint", "model.name=" + ",".join(_quote(v) for v in values)]
         else:
             out.append(arg)
     return out
+
+
+HF_PREFIX = "hf:"
+
+
+def _hf_models(values: list[str]) -> list[str]:
+    """`model=hf:a[,hf:b]` -> `model=hf model.name=a[,b]`: a sweep over transformers models."""
+    names = [v[len(HF_PREFIX):] for v in values if v.startswith(HF_PREFIX)]
+    if len(names) < len(values):
+        raise UserError(f"model={','.join(values)}: a sweep cannot mix hf: models with others; run them separately")
+    if not all(names):
+        raise UserError("model=hf: needs a folder or hub id after hf:, e.g. model=hf:path/to/folder")
+    return ["model=hf", "model.name=" + ",".join(_quote(n) for n in names)]
 
 
 def instantiate(node, what: str):

@@ -37,10 +37,16 @@ class EvalResult:
 
 
 def seed_everything(seed: int) -> None:
-    import numpy as np, torch  # noqa: E401  (lazy: the CLI's argument check stays fast)
+    """Python's, numpy's and (when installed) torch's generators: the engine itself needs no torch,
+    so a backend without it (models/protocol.py) runs too."""
+    import numpy as np   # lazy: the CLI's argument check stays fast
 
     random.seed(seed)
     np.random.seed(seed % 2**32)
+    try:
+        import torch
+    except ImportError:
+        return
     torch.manual_seed(seed)
 
 

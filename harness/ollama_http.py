@@ -234,7 +234,7 @@ class OllamaServer(ThreadingHTTPServer):
 
     def serve_model(self, engine, card: ModelCard) -> None:
         self.engine, self.card = engine, card
-        self.template = ChatTemplate(engine.lm.chat_prompt if engine.lm.tokenizer.chat_template else None)
+        self.template = ChatTemplate(engine.lm.chat_prompt if engine.lm.has_chat_template else None)
 
     @contextmanager
     def tracking(self, handler: Handler):

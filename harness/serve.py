@@ -66,6 +66,9 @@ def start(cfg: DictConfig) -> OllamaServer:
     name = served_name(cfg)
     if not name or any(c.isspace() for c in name):
         raise UserError(f"served name {name!r} must be non-empty without spaces; set name=...")
+    if str(cfg.model.get("_target_", "")) == "models.hf.load_hf_lm":   # the engine runs a TorchLM's decode loop
+        raise UserError("harness.serve serves the harness's own models; model=hf:... (transformers) is for "
+                        "python -m harness only: serve a checkpoint folder, .gguf file or registry name")
     host = str(cfg.host)
     try:
         server = OllamaServer((host, port))
@@ -73,7 +76,7 @@ def start(cfg: DictConfig) -> OllamaServer:
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}; choose another port= "
                         "(port=0 picks a free one)") from None
     lm = instantiate(cfg.model, "model")   # unwraps Hydra's InstantiationException
-    lm._require_vocabulary_head()   # a classifier checkpoint cannot generate text
+    lm.require_vocabulary_head()   # a classifier checkpoint cannot generate text
     card = describe_model(lm, str(cfg.model.name), name, num_ctx)
     server.serve_model(Engine(lm, num_ctx), card)
     if not is_loopback(host):

@@ -78,7 +78,7 @@ class Engine:
         ctx = max(2, min(s.num_ctx or self.default_num_ctx, self.lm.max_length))
         # keep room for the requested tokens (at most half the context) and at least one
         reserve = min(max(s.num_predict, 1), ctx // 2)
-        ids = self.lm._encode(job.prompt)[-(ctx - reserve):] or [self.lm.prefix_token]
+        ids = self.lm.encode(job.prompt)[-(ctx - reserve):] or [self.lm.prefix_token]
         room = ctx - len(ids)
         return ids, room if s.num_predict < 0 else min(s.num_predict, room)
 
@@ -91,7 +91,7 @@ class Engine:
         non-streamed request writes nothing until the end. Raises Abandoned when on_delta returned
         False or cancelled() True; the model is free again within one decode step."""
         s = job.sampling
-        decoder = StreamDecoder(self.lm.tokenizer.decode, s.stop)
+        decoder = StreamDecoder(self.lm.decode, s.stop)
         aborted, first_token_at = False, []
 
         def step(_row: int, tokens: list[int]) -> bool:
@@ -114,7 +114,7 @@ class Engine:
                 if s.seed is not None:
                     generator = torch.Generator(device=self.lm.device).manual_seed(s.seed)
                 tokens = generate_tokens(self.lm.model, [ids], max_new_tokens=max_new,
-                                         eos_ids=self.lm._stop_ids(), temperature=s.temperature,
+                                         eos_ids=self.lm.stop_ids(), temperature=s.temperature,
                                          top_k=s.top_k, top_p=s.top_p, generator=generator,
                                          should_stop=step)[0]
             t_end = time.perf_counter_ns()
@@ -195,7 +195,7 @@ def describe_model(lm, source: str, name: str, num_ctx: int) -> ModelCard:
         "general.architecture": family, "general.parameter_count": n_params,
         f"{family}.context_length": cfg.context_length, f"{family}.embedding_length": cfg.d_model,
         f"{family}.block_count": cfg.n_layers, f"{family}.attention.head_count": cfg.n_heads,
-        f"{family}.vocab_size": cfg.vocab_size, "tokenizer.ggml.eos_token_id": lm.tokenizer.eos_id,
+        f"{family}.vocab_size": cfg.vocab_size, "tokenizer.ggml.eos_token_id": lm.eos_id,
         "harness.source": source, "harness.dtype": dtype, "harness.device": str(lm.device),
     }
     info.update({f"{family}.{key}": value for key, value in arch.model_info(cfg).items()})
@@ -208,5 +208,5 @@ def describe_model(lm, source: str, name: str, num_ctx: int) -> ModelCard:
     return ModelCard(
         name=name, digest=weights_digest(files, str(lm.info.get("checkpoint_sha", name)), lm.info.get("weights_sha256")), size=size,
         modified_at=_iso(files[0].stat().st_mtime if files else time.time()), details=details,
-        model_info=info, template=lm.tokenizer.chat_template or "{{ .Prompt }}", parameters=parameters,
+        model_info=info, template=lm.chat_template or "{{ .Prompt }}", parameters=parameters,
         context_length=ctx, size_vram=size if lm.device.type == "cuda" else 0)

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Protocol
 
 from harness.cli import UserError, int_option
-from models.lm import LM
+from models.protocol import LM
 
 
 RETRY = "retry"   # Record.extra key: true when the sample should be scored again on a rerun

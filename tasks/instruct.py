@@ -5,7 +5,7 @@
 Samples are the `split` part (default: test, 104 entries) of the seeded 85/5/10 split of the ch07
 instruction data (`tasks.instruction_data`), so a checkpoint finetuned by `harness.train` is never
 judged on an entry it trained on. Scoring one chunk:
-1. the prompt is `build_prompt(entry, lm.tokenizer, prompt_style)` (auto: the model's chat template
+1. the prompt is `build_prompt(entry, lm.chat_prompt, prompt_style)` (auto: the model's chat template
    when it has one, else the Alpaca format);
 2. greedy `lm.generate`, at most `max_new_tokens`, cut at the next Alpaca header ("### ...") when
    the prompt is Alpaca-style;
@@ -32,7 +32,7 @@ from typing import Sequence
 import numpy as np
 
 from harness.cli import int_option
-from models.lm import LM
+from models.protocol import LM
 from tasks.base import Metric, Record, Sample, TaskError, check_limit, text_hash
 from tasks.instruction_data import (ALPACA_HEADER, ALPACA_STOP, PROMPT_STYLES, alpaca_prompt, build_prompt,
                                     instruction_split, resolve_style, stop_strings)
@@ -96,8 +96,9 @@ class InstructTask:
         if not samples:
             return []
         digest = self.judge.digest            # a misconfigured judge stops the run before generating
-        style = resolve_style(self.prompt_style, lm.tokenizer)
-        prompts = [build_prompt(s.data, lm.tokenizer, style) for s in samples]
+        style = resolve_style(self.prompt_style, lm.has_chat_template)
+        chat = lm.chat_prompt if lm.has_chat_template else None
+        prompts = [build_prompt(s.data, chat, style) for s in samples]
         stop = stop_strings(style)
         responses = [r.strip() for r in lm.generate(prompts, max_new_tokens=self.max_new_tokens,
                                                     stop=stop, temperature=0.0, seed=self.seed)]

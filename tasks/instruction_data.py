@@ -11,7 +11,7 @@ preference file holds the same 1,100 entries in the same order, so both files sp
 Prompt styles:
 - `alpaca`: the book's format ("Below is an instruction ... ### Instruction: ... ### Response:\\n");
 - `chat`:   the model's own chat template, the instruction (+ input) as the user turn;
-- `auto`:   chat when the tokenizer has a chat template, else alpaca.
+- `auto`:   chat when the model has a chat template, else alpaca.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from harness.cli import UserError
 from models.download import data_root, ensure_file, sha256_file
@@ -113,12 +113,13 @@ def user_message(entry: dict) -> str:
     return entry["instruction"] + (f"\n\n{entry['input']}" if entry.get("input") else "")
 
 
-def resolve_style(style: str, tokenizer) -> str:
+def resolve_style(style: str, has_chat_template: bool) -> str:
+    """`auto` -> chat when the model has a chat template (`LM.has_chat_template`), else alpaca."""
     if style not in PROMPT_STYLES:
         raise UserError(f"prompt_style must be one of {', '.join(PROMPT_STYLES)}, got {style!r}")
     if style == "auto":
-        return "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
-    if style == "chat" and not getattr(tokenizer, "chat_template", None):
+        return "chat" if has_chat_template else "alpaca"
+    if style == "chat" and not has_chat_template:
         raise UserError("prompt_style=chat, but this model's tokenizer has no chat template; use alpaca")
     return style
 
@@ -128,9 +129,18 @@ def stop_strings(resolved_style: str) -> tuple[str, ...]:
     return ALPACA_STOP if resolved_style == "alpaca" else ()
 
 
-def build_prompt(entry: dict, tokenizer, style: str = "auto") -> str:
-    """The prompt text a response to `entry` follows, in the resolved style."""
-    if resolve_style(style, tokenizer) == "chat":
-        return tokenizer.apply_chat_template([{"role": "user", "content": user_message(entry)}],
-                                             add_generation_prompt=True)
+ChatPrompt = Callable[[list[dict]], str]   # LM.chat_prompt, or a tokenizer's apply_chat_template
+
+
+def chat_renderer(tokenizer) -> ChatPrompt | None:
+    """What the trainers pass for `chat_prompt`: they hold a tokenizer, not an LM."""
+    return tokenizer.apply_chat_template if tokenizer.chat_template else None
+
+
+def build_prompt(entry: dict, chat_prompt: ChatPrompt | None, style: str = "auto") -> str:
+    """The prompt text a response to `entry` follows, in the resolved style. `chat_prompt` renders
+    chat messages (None: the model has no chat template); it is a function rather than the
+    tokenizer so that tasks see only the LM protocol (models/protocol.py)."""
+    if resolve_style(style, chat_prompt is not None) == "chat":
+        return chat_prompt([{"role": "user", "content": user_message(entry)}])
     return alpaca_prompt(entry)

@@ -16,7 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
 
-from models.lm import LM
+from models.protocol import LM
 from models.download import sha256_file
 from harness.cli import choice_option
 from tasks.base import Metric, Record, Sample, TaskError, check_fewshot, check_limit, text_hash

@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from models.lm import LM
+from models.protocol import LM
 from models.download import sha256_file
 from tasks.base import Metric, Record, Sample, TaskError, check_fewshot, check_limit, text_hash
 from tasks.data import local_path

@@ -17,7 +17,7 @@ import math
 import re
 from pathlib import Path
 
-from models.lm import LM
+from models.protocol import LM
 from models.download import sha256_file
 from harness.cli import int_option
 from tasks.base import Metric, Record, Sample, TaskError, check_limit, text_hash

@@ -25,7 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
-from models.lm import LM
+from models.protocol import LM, classifier_labels
 from models.download import sha256_file
 from tasks.base import Metric, Record, Sample, TaskError, check_fewshot, check_limit, text_hash
 from tasks.data import local_path, sms_spam_file
@@ -146,7 +146,7 @@ class SmsSpamTask:
                 for i, (text, label) in enumerate(self.messages)]
 
     def score(self, lm: LM, samples: list[Sample]) -> list[Record]:
-        labels = getattr(lm, "labels", None)
+        labels = classifier_labels(lm)   # optional capability (models/protocol.py Classifier)
         if labels:
             if sorted(labels) != sorted(LABELS):
                 raise TaskError(f"{lm.name} is a classifier over {labels}; sms_spam needs the labels ham and spam")

@@ -65,6 +65,10 @@ def eval_args(w, tmp: Path, *extra) -> list:
     return [*MMLU, f"leaderboard={w.board}", f"hydra.run.dir={tmp / 'run'}", *extra]
 
 
+def hf_args(w, tmp: Path, target) -> list:
+    return [*MMLU[:1], f"model=hf:{target}", *eval_args(w, tmp)[2:]]
+
+
 def arc_file(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -131,6 +135,19 @@ def _cases(w, tmp: Path) -> dict:
     (truncated_st / "config.json").write_text((w.root / "tiny" / "config.json").read_text())
     weights = (w.root / "tiny" / "model.safetensors").read_bytes()
     (truncated_st / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    no_config = tmp / "no_config"          # model=hf: folders
+    no_config.mkdir()
+    (no_config / "model.safetensors").write_bytes(b"")
+    seq2seq = tmp / "t5"
+    seq2seq.mkdir()
+    (seq2seq / "config.json").write_text(json.dumps({"model_type": "t5",
+                                                     "architectures": ["T5ForConditionalGeneration"]}))
+    hf_truncated = tmp / "hf_truncated"
+    hf_truncated.mkdir()
+    (hf_truncated / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 1000}))
+    (hf_truncated / "model.safetensors").write_bytes(b"\x40\x00\x00\x00\x00\x00\x00\x00{\"a\": {")
     corrupt_run = tmp / "corrupt_run"
     shutil.copytree(w.run, corrupt_run)
     records = corrupt_run / "records.jsonl"
@@ -183,6 +200,15 @@ def _cases(w, tmp: Path) -> dict:
                                        {"preexec_fn": cap_memory_4gib}),
         "device_not_on_this_machine": ("harness", eval_args(w, tmp, "model.device=cuda:7"),
                                        ["model.device=cuda:7", "devices here: cpu"]),
+        "hf_folder_without_config": ("harness", hf_args(w, tmp, no_config), [str(no_config), "has no config.json",
+                                                                           "save_pretrained"]),
+        "hf_not_a_causal_lm": ("harness", hf_args(w, tmp, seq2seq), ["'t5' model", "not a causal language model"]),
+        "hf_hub_id_offline": ("harness", hf_args(w, tmp, "no-such-org/no-such-model"),
+                              ["could not download no-such-org/no-such-model", "model=hf:<folder>"],
+                              {"env": dict(ENV, HF_HUB_OFFLINE="1")}),
+        "hf_truncated_safetensors": ("harness", hf_args(w, tmp, hf_truncated),
+                                     [str(hf_truncated), "transformers cannot load it", "save_pretrained"]),
+        "serve_hf_model": ("harness.serve", [f"model=hf:{seq2seq}"], ["harness.serve serves the harness's own models"]),
         "pickle_checkpoint": ("harness", [*MMLU[:1], f"model={pickled}", *eval_args(w, tmp)[2:]], ["pickle"]),
         "truncated_gguf": ("harness", [*MMLU[:1], f"model={truncated_gguf}", *eval_args(w, tmp)[2:]], ["truncated"]),
         # the other entry points
@@ -206,6 +232,8 @@ CASE_NAMES = [
     "answer_not_a_label", "mmlu_fewshot_shortfall", "corrupt_records", "leaderboard_is_a_folder",
     "leaderboard_under_a_file", "leaderboard_corrupt_body", "render_corrupt_leaderboard", "pickle_checkpoint",
     "truncated_gguf", "truncated_safetensors", "config_not_json", "config_bigger_than_weights", "device_not_on_this_machine",
+    "hf_folder_without_config", "hf_not_a_causal_lm", "hf_hub_id_offline", "hf_truncated_safetensors",
+    "serve_hf_model",
     "train_unknown_recipe", "train_resume_must_without_a_run", "train_resume_not_bool",
     "compare_out_is_a_folder", "compare_missing_b", "serve_port_not_a_number", "serve_port_out_of_range",
     "export_out_is_a_folder",

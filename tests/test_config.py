@@ -26,7 +26,7 @@ def _compose(*overrides):
 
 def test_groups_are_complete():
     assert {"mmlu", "perplexity"} <= set(TASKS)
-    assert set(REGISTRY) | {"checkpoint"} <= set(MODELS)
+    assert set(REGISTRY) | {"checkpoint", "hf"} <= set(MODELS)
     from models.registry import MODELS as registered
 
     assert set(registered) <= set(MODELS), "every registered model needs a conf/model/<name>.yaml"
@@ -43,12 +43,13 @@ def test_defaults():
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("task", TASKS)
 def test_every_task_model_pair_composes(task, model):
-    extra = ["model.name=/tmp/some/checkpoint"] if model == "checkpoint" else []
+    path_config = model in ("checkpoint", "hf")    # name comes from model=<path> / model=hf:<x>
+    extra = ["model.name=/tmp/some/checkpoint"] if path_config else []
     cfg = _compose(f"task={task}", f"model={model}", *extra)
     assert cfg.task._target_.startswith("tasks.")
-    assert cfg.model._target_ == "models.registry.load_lm"
+    assert cfg.model._target_ == ("models.hf.load_hf_lm" if model == "hf" else "models.registry.load_lm")
     assert cfg.model.dtype == "float32" and cfg.model.device == "cpu"
-    if model != "checkpoint":
+    if not path_config:
         assert cfg.model.name == model
 
 

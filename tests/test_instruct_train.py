@@ -23,7 +23,7 @@ os.environ.setdefault("HARNESS_DATA", str(ROOT.parent / "shared" / "data"))
 from harness.train.instruct import Responder  # noqa: E402
 from harness.train.sft_data import IGNORE, collate_sft, encode_example, has_target, sft_loss  # noqa: E402
 from models.registry import load_model  # noqa: E402
-from tasks.instruction_data import alpaca_prompt, build_prompt, instruction_split  # noqa: E402
+from tasks.instruction_data import alpaca_prompt, build_prompt, chat_renderer, instruction_split  # noqa: E402
 
 from clitools import ENV  # noqa: E402
 SMOKE = ["train=instruct", "model=gpt-tiny", "progress=false", "train.limit_train=16", "train.limit_val=4",
@@ -63,7 +63,7 @@ def test_collate_pads_ignores_padding_but_keeps_the_first_eos():
 def test_gpt2_example_is_prompt_prefix_plus_response_plus_endoftext():
     _, tok, _ = load_model("gpt-tiny")
     entry = {"instruction": "Rewrite the sentence.", "input": "The cat sat.", "output": "The cat was sitting."}
-    prompt = build_prompt(entry, tok, "auto")
+    prompt = build_prompt(entry, chat_renderer(tok), "auto")
     assert prompt == alpaca_prompt(entry)                  # no chat template: the book's format
     ids, n = encode_example(tok, prompt, entry["output"])
     assert ids[:n] == tok.encode(prompt) and ids[-1] == tok.eos_id == 50256
@@ -74,7 +74,7 @@ def test_chat_example_ends_with_the_end_of_turn_generation_stops_at(smollm2_path
     from models.tokenizer import gguf_tokenizer
     tok = gguf_tokenizer(smollm2_path)
     entry = {"instruction": "Name a primary color.", "input": "", "output": "Red."}
-    prompt = build_prompt(entry, tok, "auto")
+    prompt = build_prompt(entry, chat_renderer(tok), "auto")
     ids, n = encode_example(tok, prompt, entry["output"])
     assert ids[:n] == tok.encode(prompt) and ids[-1] == tok.eos_id
     assert tok.decode([tok.eos_id]) == "<|im_end|>"

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from tasks.base import TaskError
-from tasks.instruction_data import alpaca_prompt, build_prompt, instruction_file, instruction_split
+from tasks.instruction_data import alpaca_prompt, build_prompt, chat_renderer, instruction_file, instruction_split
 from models.tokenizer import gpt2_tokenizer
 
 from harness.cli import UserError
@@ -55,6 +55,6 @@ def test_alpaca_prompt_is_the_books_format():
         "\n\n### Response:\n")
     assert "### Input" not in alpaca_prompt({**entry, "input": ""})
     tok = gpt2_tokenizer()                      # no chat template: auto means alpaca
-    assert build_prompt(entry, tok) == alpaca_prompt(entry)
+    assert build_prompt(entry, chat_renderer(tok)) == alpaca_prompt(entry)
     with pytest.raises(UserError, match="no chat template"):
-        build_prompt(entry, tok, "chat")
+        build_prompt(entry, chat_renderer(tok), "chat")

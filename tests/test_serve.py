@@ -57,7 +57,7 @@ def test_chat_greedy_equals_in_process_generate(client, ollama_server, smollm2_l
     assert "Paris" in r.message.content
     assert r.message.role == "assistant" and r.done and r.done_reason == "stop"
     assert r.message.content == greedy_reference(smollm2_lm, prompt)
-    assert r.prompt_eval_count == len(smollm2_lm._encode(prompt))
+    assert r.prompt_eval_count == len(smollm2_lm.encode(prompt))
     assert r.eval_count > 0 and r.total_duration >= r.eval_duration > 0
 
 
@@ -134,8 +134,8 @@ def test_num_ctx_truncates_the_prompt_from_the_left(client, ollama_server, smoll
     r = client.generate(model=ollama_server.model, prompt=text, raw=True,
                         options={"temperature": 0, "num_predict": 4, "num_ctx": 64})
     assert r.prompt_eval_count == 60 and r.eval_count == 4   # 64 minus room for the 4 requested
-    ids = smollm2_lm._encode(text)[-60:]
-    new = generate_tokens(smollm2_lm.model, [ids], max_new_tokens=4, eos_ids=smollm2_lm._stop_ids())[0]
+    ids = smollm2_lm.encode(text)[-60:]
+    new = generate_tokens(smollm2_lm.model, [ids], max_new_tokens=4, eos_ids=smollm2_lm.stop_ids())[0]
     assert r.response == smollm2_lm.tokenizer.decode(new)
 
 # ----------------------------------------------------------------------------- metadata

@@ -34,7 +34,7 @@ from harness.train.instruct import (Responder, context_cap, describe, finish, li
                                     make_sampler, set_trainable)
 from harness.train.sft_data import REDUCTIONS, collate_pairs, dpo_loss, encode_example, has_target, sequence_logprobs
 from models.download import sha256_file
-from tasks.instruction_data import build_prompt, resolve_style
+from tasks.instruction_data import build_prompt, chat_renderer, resolve_style
 
 log = logging.getLogger("harness.train")
 PREFERENCE_FIELDS = ("instruction", "input", "output", "chosen", "rejected")
@@ -45,7 +45,7 @@ def encode_pairs(entries: list[dict], tokenizer, style: str, max_length: int) ->
     max_length cuts off every response token of one side."""
     pairs = []
     for e in entries:
-        prompt = build_prompt(e, tokenizer, style)
+        prompt = build_prompt(e, chat_renderer(tokenizer), style)
         pair = (encode_example(tokenizer, prompt, e["chosen"]), encode_example(tokenizer, prompt, e["rejected"]))
         if all(has_target(ids, n, max_length, mask_prompt=True) for ids, n in pair):
             pairs.append(pair)
@@ -82,7 +82,7 @@ def run(cfg) -> dict:
 
     name = str(cfg.model.name)
     model, tokenizer, parent = load_parent(name)
-    style = resolve_style(str(t.prompt_style), tokenizer)
+    style = resolve_style(str(t.prompt_style), bool(tokenizer.chat_template))
     max_length = context_cap(t, model)
     (train_ds, skip_train), (val_ds, skip_val) = (encode_pairs(e, tokenizer, style, max_length)
                                                   for e in (train_entries, val_entries))

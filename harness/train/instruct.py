@@ -6,7 +6,7 @@
 
 Data: the seeded 85/5/10 split of the ch07 instruction data (`tasks.instruction_data`, the split the
 judged task uses); train on `train`, validation loss on `val`. An example is
-build_prompt(entry, tokenizer, prompt_style) + output + EOS (for a chat template, its end-of-turn),
+build_prompt(entry, <chat template>, prompt_style) + output + EOS (for a chat template, its end-of-turn),
 collated the book's way (`sft_data.collate_sft`): padding targets ignored except the EOS, and with
 `mask_prompt: true` the prompt's targets too. All parameters train, or LoRA adapters (merged into
 plain Linear layers in the saved checkpoint). After training, rank 0 answers the test split greedily
@@ -31,7 +31,7 @@ from models.download import sha256_file
 from models.generate import generate_tokens
 from models.lora import DEFAULT_TARGETS, apply_lora, lora_parameters, merge_lora
 from models.lm import cut_at_stop
-from tasks.instruction_data import (build_prompt, instruction_file, instruction_split, resolve_style,
+from tasks.instruction_data import (build_prompt, chat_renderer, instruction_file, instruction_split, resolve_style,
                                     stop_strings)
 
 log = logging.getLogger("harness.train")
@@ -99,7 +99,8 @@ class Responder:
     batch_size: int = 8
 
     def prompt_ids(self, entry: dict, context: int) -> list[int]:
-        return encode_prompt(self.tokenizer, build_prompt(entry, self.tokenizer, self.style))[-(context - 1):]
+        prompt = build_prompt(entry, chat_renderer(self.tokenizer), self.style)
+        return encode_prompt(self.tokenizer, prompt)[-(context - 1):]
 
     def __call__(self, model, entries: list[dict], progress: bool = False) -> tuple[list[str], list[bool]]:
         """(responses, whether each hit max_new_tokens without stopping)."""
@@ -176,11 +177,12 @@ def run(cfg) -> dict:
 
     name = str(cfg.model.name)
     model, tokenizer, parent = load_parent(name)
-    style = resolve_style(str(t.prompt_style), tokenizer)
+    style = resolve_style(str(t.prompt_style), bool(tokenizer.chat_template))
     max_length, mask_prompt = context_cap(t, model), bool(t.mask_prompt)
 
     def examples(entries):
-        encoded = [encode_example(tokenizer, build_prompt(e, tokenizer, style), e["output"]) for e in entries]
+        chat = chat_renderer(tokenizer)
+        encoded = [encode_example(tokenizer, build_prompt(e, chat, style), e["output"]) for e in entries]
         kept = [x for x in encoded if has_target(*x, max_length, mask_prompt)]
         return kept, len(encoded) - len(kept)
 
