@@ -18,7 +18,8 @@ bound their memory; not done.)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -26,9 +27,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.cache import KVCache, attention_mask
-from models.gpt import output_head
+from models import protocol
+from models.checkpoint import CheckpointError
 from models.llama import apply_rope
-from models.qwen3 import gguf_float, gguf_tensor
+from models.qwen3 import gguf_float
 
 LOCAL, GLOBAL = "sliding_attention", "full_attention"     # transformers' layer_types values
 
@@ -176,7 +178,7 @@ class Gemma3(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, local=not cfg.is_global(i)) for i in range(cfg.n_layers))
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.head = output_head(cfg)
+        self.head = protocol.output_head(cfg)
         for name, p in self.named_parameters():
             if p.dim() == 2:
                 std = 0.02 / math.sqrt(2 * cfg.n_layers) if name.endswith(("o_proj.weight", "down.weight")) else 0.02
@@ -197,42 +199,36 @@ class Gemma3(nn.Module):
         cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
         return (cos.unsqueeze(1), sin.unsqueeze(1)) if positions.dim() == 2 else (cos, sin)
 
-    def hidden_states(self, tokens: torch.Tensor, cache: KVCache | None = None,
-                      positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None):
-        """tokens [B, T] -> final-normed hidden states [B, T, d_model].
-
-        positions: None (consecutive after the cache) or [B, T] per-row positions (left padding)."""
-        B, T = tokens.shape
+    def embed(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
+        """tokens [B, T] -> [B, T, d_model], scaled by sqrt(d_model) rounded to the embedding's dtype (as HF)."""
+        if positions is None and start + tokens.shape[1] > self.config.context_length:
+            raise ValueError(f"sequence longer than the model's context ({self.config.context_length})")
         x = self.tok_emb(tokens)
-        x = x * torch.tensor(self.config.d_model ** 0.5).to(x.dtype)   # rounded to x's dtype, as in HF
+        return x * torch.tensor(self.config.d_model ** 0.5).to(x.dtype)
+
+    def run_blocks(self, x: torch.Tensor, first: int = 0, last: int | None = None, *, cache: KVCache | None = None,
+                   positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Blocks [first, last) on x [B, T, d_model] at positions consecutive after the cache, or at
+        `positions` [B, T] (left padding)."""
         if positions is None:
             start = cache.length if cache is not None else 0
-            if start + T > self.config.context_length:
-                raise ValueError(f"sequence longer than the model's context ({self.config.context_length})")
-            positions = torch.arange(start, start + T, device=tokens.device)
+            positions = torch.arange(start, start + x.shape[1], device=x.device)
         rope = {False: self._rope(positions, self.inv_freq_local, x.dtype),
                 True: self._rope(positions, self.inv_freq_global, x.dtype)}
-        for i, block in enumerate(self.blocks):
-            x = block(x, *rope[block.attn.window is None], i, cache, attn_mask)
-        if cache is not None:
-            cache.advance(T)
-        return self.final_norm(x)
+        for i in range(first, len(self.blocks) if last is None else last):
+            x = self.blocks[i](x, *rope[self.blocks[i].attn.window is None], i, cache, attn_mask)
+        return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.tok_emb.weight if self.head is None else self.head.weight
-        out = F.linear(hidden, weight)
+        """protocol.logits, then the optional final soft-capping (not on a classifier's head)."""
+        out = protocol.logits(self, hidden)
         cap = self.config.final_logit_softcapping
         if cap and not self.config.num_classes:
             out = torch.tanh(out / cap) * cap
         return out
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.logits(self.hidden_states(tokens))
-
-    def new_cache(self, batch: int, capacity: int) -> KVCache:
-        p = self.tok_emb.weight
-        cfg = self.config
-        return KVCache(cfg.n_layers, batch, cfg.n_kv_heads, cfg.head_dim, capacity, p.dtype, p.device)
+    # The rest of the Model protocol, shared by the architectures (models/protocol.py).
+    hidden_states, forward, new_cache = protocol.hidden_states, protocol.forward, protocol.new_cache
 
 
 Model = Gemma3
@@ -241,6 +237,11 @@ Model = Gemma3
 # --- Hugging Face config.json and tensors; GGUF (llama.cpp's gemma3 architecture) ----------------
 
 HF_MODEL_TYPES = ("gemma3_text", "gemma3")    # gemma3: the multimodal wrapper, read for its text half
+# Our config keys -> HF config.json's, to name the file's own key when a value is refused.
+HF_KEYS = {"vocab_size": "vocab_size", "context_length": "max_position_embeddings", "d_model": "hidden_size",
+           "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads",
+           "head_dim": "head_dim", "d_ff": "intermediate_size", "norm_eps": "rms_norm_eps",
+           "sliding_window": "sliding_window", "query_pre_attn_scalar": "query_pre_attn_scalar"}
 # transformers' Gemma3TextConfig defaults: the multimodal config.json files list only what differs.
 _HF_DEFAULTS = dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
                     num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=131072,
@@ -263,10 +264,10 @@ def config_from_hf(cfg: dict) -> Gemma3Config:
     get = lambda key: cfg.get(key, _HF_DEFAULTS[key])  # noqa: E731
     if (cfg.get("attn_logit_softcapping") is not None or cfg.get("use_bidirectional_attention")
             or cfg.get("attention_bias")):
-        raise ValueError("gemma3 with attn_logit_softcapping, use_bidirectional_attention or attention_bias is not "
+        raise CheckpointError("gemma3 with attn_logit_softcapping, use_bidirectional_attention or attention_bias is not "
                          "supported (Gemma 3 text has none of them)")
     if cfg.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
-        raise ValueError(f"gemma3 hidden_activation={cfg['hidden_activation']!r} is not supported (tanh GELU only)")
+        raise CheckpointError(f"gemma3 hidden_activation={cfg['hidden_activation']!r} is not supported (tanh GELU only)")
     params = cfg.get("rope_parameters") or {}
     if GLOBAL in params or LOCAL in params:
         glob, local = params.get(GLOBAL) or {}, params.get(LOCAL) or {}
@@ -274,13 +275,13 @@ def config_from_hf(cfg: dict) -> Gemma3Config:
         glob = {"rope_theta": cfg.get("rope_theta", 1000000.0), **(params or cfg.get("rope_scaling") or {})}
         local = {"rope_theta": cfg.get("rope_local_base_freq", 10000.0)}
     if _rope_kind(local) != "default" or _rope_kind(glob) not in ("default", "linear"):
-        raise ValueError(f"gemma3 RoPE {_rope_kind(glob)!r} (global) / {_rope_kind(local)!r} (local) is not "
+        raise CheckpointError(f"gemma3 RoPE {_rope_kind(glob)!r} (global) / {_rope_kind(local)!r} (local) is not "
                          "supported (plain, or linear on the global layers)")
     n_layers = get("num_hidden_layers")
     pattern = cfg.get("sliding_window_pattern", cfg.get("_sliding_window_pattern", 6))
     types = list(cfg.get("layer_types") or _default_layer_types(n_layers, pattern))
     if len(types) != n_layers or set(types) - {LOCAL, GLOBAL}:
-        raise ValueError(f"gemma3 layer_types {types} is not one of {LOCAL!r}/{GLOBAL!r} per layer")
+        raise CheckpointError(f"gemma3 layer_types {types} is not one of {LOCAL!r}/{GLOBAL!r} per layer")
     return Gemma3Config(
         vocab_size=get("vocab_size"), context_length=get("max_position_embeddings"), d_model=get("hidden_size"),
         n_layers=n_layers, n_heads=get("num_attention_heads"), n_kv_heads=get("num_key_value_heads"),
@@ -313,13 +314,16 @@ _TOP = (("embed_tokens.weight", "norm.weight", "lm_head.weight"),
 
 
 def _state(config: Gemma3Config, get, col: int, norm_shift: float) -> dict[str, torch.Tensor]:
-    """Our state from a checkpoint's tensors: get(name) reads one; col 0 = HF names, 1 = GGUF names.
+    """Our state from a checkpoint's tensors (GGUF: but embedding and head): get(name) reads one; col 0 =
+    HF names, 1 = GGUF names.
     norm_shift is subtracted from every norm weight (GGUF stores 1 + w)."""
     shift = (lambda w: w - norm_shift) if norm_shift else (lambda w: w)  # noqa: E731
     emb, norm, head = _TOP[col]
-    state = {"tok_emb.weight": get(emb), "final_norm.weight": shift(get(norm))}
-    if not config.tie_embeddings:
-        state["head.weight"] = get(head)
+    state = {"final_norm.weight": shift(get(norm))}
+    if col == 0:   # the GGUF loader reads token_embd and output itself
+        state["tok_emb.weight"] = get(emb)
+        if not config.tie_embeddings:
+            state["head.weight"] = get(head)
     for i in range(config.n_layers):
         p, b = ("layers.{}.", "blk.{}.")[col].format(i), f"blocks.{i}."
         for ours, names in _LAYER.items():
@@ -341,22 +345,24 @@ def convert_hf(state: dict[str, torch.Tensor], config: Gemma3Config) -> dict[str
     return _state(config, hf.__getitem__, 0, 0.0)
 
 
+def from_hf(cfg: dict, folder) -> tuple[dict, Callable[[dict], dict]]:
+    """The registry's hook: (our config as a dict, HF state_dict -> ours)."""
+    config = config_from_hf(cfg)
+    return asdict(config), lambda state: convert_hf(state, config)
+
+
 GGUF_ARCH = "gemma3"
 
 
-def convert_gguf(tensors: dict[str, np.ndarray], metadata: dict) -> tuple[Gemma3Config, dict[str, torch.Tensor]]:
-    """(config, state) of a gemma3 GGUF: `tensors` dequantized (numpy order), `metadata` its key/value
-    fields ({field.name: field.contents()} of a gguf.GGUFReader). Read as llama.cpp reads the file:
-    - its converter stores every norm as 1 + w (so 1 is subtracted here) and q/k unpermuted (NEOX RoPE);
+def gguf_config(header, config: dict) -> dict:
+    """`config` (the sizes every GGUF gives) completed from a gemma3 GGUF, read as llama.cpp reads it:
     - the local RoPE base (10k) and the 5-local-1-global pattern are llama.cpp constants, used unless
       the newer rope.freq_base_swa / attention.sliding_window_pattern keys say otherwise;
     - query_pre_attn_scalar is not stored: llama.cpp scales by head_dim**-0.5, except for the
-      27B (62 layers), d_model / n_heads (168), which is what the HF configs say too."""
-    a = GGUF_ARCH
-    g = lambda key, default=None: metadata.get(f"{a}.{key}", default)  # noqa: E731
-    n_layers, d_model, n_heads = (int(metadata[f"{a}.{k}"]) for k in ("block_count", "embedding_length",
-                                                                      "attention.head_count"))
-    head_dim = int(g("attention.key_length", 256))
+      27B (62 layers), d_model / n_heads (168), which is what the HF configs say too. Our exporter
+      writes harness.query_pre_attn_scalar when a model has another (ignored by llama.cpp)."""
+    g = header.get
+    n_layers, head_dim = config["n_layers"], int(g("attention.key_length", 256))
     pattern = g("attention.sliding_window_pattern", 6)
     if isinstance(pattern, int | np.integer):                 # llama.cpp's set_swa_pattern(n)
         local = [pattern == 0 or i % pattern < pattern - 1 for i in range(n_layers)]
@@ -365,19 +371,71 @@ def convert_gguf(tensors: dict[str, np.ndarray], metadata: dict) -> tuple[Gemma3
     types = [LOCAL if x else GLOBAL for x in local]
     kind = g("rope.scaling.type", "none")
     if kind not in ("none", "linear"):
-        raise ValueError(f"gemma3 GGUF with RoPE scaling {kind!r} is not supported (only linear)")
+        raise CheckpointError(f"{header.path}: gemma3 GGUF with RoPE scaling {kind!r} is not supported (only linear)")
     softcap = g("final_logit_softcapping")
-    config = Gemma3Config(
-        vocab_size=int(tensors["token_embd.weight"].shape[0]), context_length=int(metadata[f"{a}.context_length"]),
-        d_model=d_model, n_layers=n_layers, n_heads=n_heads, n_kv_heads=int(g("attention.head_count_kv", n_heads)),
-        head_dim=head_dim, d_ff=int(metadata[f"{a}.feed_forward_length"]),
-        rope_base=gguf_float(g("rope.freq_base", 10000.0)),
+    scalar = header.field("harness.query_pre_attn_scalar")
+    if scalar is None:
+        scalar = config["d_model"] // config["n_heads"] if n_layers == 62 else head_dim
+    return config | dict(
+        n_kv_heads=int(g("attention.head_count_kv", config["n_heads"])), head_dim=head_dim,
+        d_ff=g("feed_forward_length"), rope_base=gguf_float(g("rope.freq_base", 10000.0)),
         rope_local_base=gguf_float(g("rope.freq_base_swa", 10000.0)),
         rope_scaling_factor=gguf_float(g("rope.scaling.factor", 1.0)) if kind == "linear" else 1.0,
-        sliding_window=int(metadata[f"{a}.attention.sliding_window"]),
+        sliding_window=g("attention.sliding_window"),
         layer_types=None if types == _default_layer_types(n_layers) else types,
-        query_pre_attn_scalar=float(d_model // n_heads if n_layers == 62 else head_dim),
+        query_pre_attn_scalar=gguf_float(scalar),
         final_logit_softcapping=None if softcap is None else gguf_float(softcap),
-        norm_eps=gguf_float(g("attention.layer_norm_rms_epsilon", 1e-6)),
-        tie_embeddings="output.weight" not in tensors)
-    return config, _state(config, lambda name: gguf_tensor(tensors[name]), 1, 1.0)
+        norm_eps=gguf_float(g("attention.layer_norm_rms_epsilon", 1e-6)))
+
+
+def gguf_state(config: dict, t) -> dict[str, torch.Tensor]:
+    """Our tensors but embedding and head from llama.cpp names. Its converter stores every norm as
+    1 + w (so 1 is subtracted here) and q/k unpermuted (NEOX RoPE)."""
+    return _state(Gemma3Config(**config), t, 1, 1.0)
+
+
+def gguf_tensors(cfg: Gemma3Config, s: dict) -> Iterator[tuple[str, torch.Tensor]]:
+    """gguf_state's inverse: norms stored as 1 + w, fused matmuls split."""
+    for i in range(cfg.n_layers):
+        b, g = f"blocks.{i}.", f"blk.{i}."
+        for ours, parts in _FUSED.items():
+            yield from zip((g + n for n in parts[1]), _split(cfg, ours, s[b + ours]))
+        for ours, names in _LAYER.items():
+            w = s[b + ours]
+            yield g + names[1], w + 1 if ours.endswith("norm.weight") else w
+    yield "output_norm.weight", s["final_norm.weight"] + 1
+
+
+def _split(cfg: Gemma3Config, ours: str, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    if ours == "attn.qkv.weight":
+        return w.split([cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim])
+    return w.chunk(2)
+
+
+def gguf_hparams(writer, cfg: Gemma3Config) -> None:
+    """Metadata beyond the sizes every GGUF holds (models/gguf_export.py)."""
+    import gguf
+    writer.add_feed_forward_length(cfg.d_ff)
+    writer.add_head_count_kv(cfg.n_kv_heads)
+    writer.add_layer_norm_rms_eps(cfg.norm_eps)
+    writer.add_key_length(cfg.head_dim)
+    writer.add_value_length(cfg.head_dim)
+    writer.add_rope_freq_base(cfg.rope_base)
+    writer.add_float32(f"{GGUF_ARCH}.rope.freq_base_swa", cfg.rope_local_base)
+    writer.add_sliding_window(cfg.sliding_window)
+    if cfg.layer_types is not None:
+        writer.add_array(f"{GGUF_ARCH}.attention.sliding_window_pattern", [t == LOCAL for t in cfg.layer_types])
+    if cfg.rope_scaling_factor != 1.0:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(cfg.rope_scaling_factor)
+    if cfg.final_logit_softcapping is not None:
+        writer.add_float32(f"{GGUF_ARCH}.final_logit_softcapping", cfg.final_logit_softcapping)
+    if cfg.query_pre_attn_scalar != (cfg.d_model // cfg.n_heads if cfg.n_layers == 62 else cfg.head_dim):
+        writer.add_float32("harness.query_pre_attn_scalar", cfg.query_pre_attn_scalar)
+
+
+def model_info(cfg: Gemma3Config) -> dict:
+    """Ollama's model_info keys beyond the common ones (harness/serve_engine.py), unprefixed."""
+    return {"attention.head_count_kv": cfg.n_kv_heads, "attention.key_length": cfg.head_dim,
+            "attention.sliding_window": cfg.sliding_window, "feed_forward_length": cfg.d_ff,
+            "rope.freq_base": cfg.rope_base}

@@ -1,20 +1,29 @@
 """Qwen2 / Qwen2.5: exactly the Llama architecture with biases on the q/k/v projections (none on the
 output projection), RoPE θ 1e6, and the embedding tied to the head up to 3B. models/llama.py already
-has `attn_bias`, so Qwen2 is a set of LlamaConfig presets and the HF/GGUF name maps, not a model:
-its checkpoints are `llama` checkpoints and every Llama code path (cache, export, LoRA) applies.
+has `attn_bias`, so the model is Llama's with LlamaConfig presets. It is an architecture entry of its
+own ("qwen2") only for its files: llama.cpp stores qwen2 q/k rows unpermuted (NEOX RoPE), unlike its
+`llama` layout, so a qwen2 GGUF must be read, and exported, by these maps, not Llama's.
 The tensor-name maps are shared with Qwen3 (models/qwen3.py), whose tensors add only the QK norms.
 """
 from __future__ import annotations
 
-import numpy as np
+from dataclasses import asdict
+from typing import Callable, Iterator
+
 import torch
 
-from models.llama import Llama, LlamaConfig
-from models.qwen3 import (convert_llama_family, gguf_llama_family_state, gguf_sizes, hf_check_no_sliding,
-                          hf_rope_theta)
+from models.checkpoint import CheckpointError
+from models.llama import HF_KEYS, Llama, LlamaConfig  # noqa: F401 (HF_KEYS: the registry entry's)
+from models.qwen3 import (convert_llama_family, gguf_hparams, gguf_llama_family_config,  # noqa: F401
+                          gguf_llama_family_state, gguf_llama_family_tensors, hf_check_no_sliding, hf_rope_theta)
+
+
+class Qwen2(Llama):
+    architecture = "qwen2"
+
 
 Config = LlamaConfig
-Model = Llama
+Model = Qwen2
 
 # From the published config.json files. context_length is the 32k the models are trained for: the
 # 1.5B/7B files say 131072, reachable only with YaRN, which is not implemented (and whose RoPE
@@ -41,7 +50,7 @@ def config_from_hf(cfg: dict) -> LlamaConfig:
     hf_check_no_sliding(cfg)
     n_heads = cfg["num_attention_heads"]
     if cfg.get("head_dim") not in (None, cfg["hidden_size"] // n_heads):
-        raise ValueError(f"qwen2 head_dim={cfg['head_dim']} is not hidden_size / num_attention_heads")
+        raise CheckpointError(f"qwen2 head_dim={cfg['head_dim']} is not hidden_size / num_attention_heads")
     return LlamaConfig(
         vocab_size=cfg["vocab_size"], context_length=cfg["max_position_embeddings"], d_model=cfg["hidden_size"],
         n_layers=cfg["num_hidden_layers"], n_heads=n_heads, n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
@@ -53,11 +62,26 @@ def convert_hf(state: dict[str, torch.Tensor], config: LlamaConfig) -> dict[str,
     return convert_llama_family(state, config, qk_norm=False)
 
 
+def from_hf(cfg: dict, folder) -> tuple[dict, Callable[[dict], dict]]:
+    """The registry's hook: (our config as a dict, HF state_dict -> ours)."""
+    config = config_from_hf(cfg)
+    return asdict(config), lambda state: convert_hf(state, config)
+
+
 GGUF_ARCH = "qwen2"
 
 
-def convert_gguf(tensors: dict[str, np.ndarray], metadata: dict) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
-    """(config, state) of a qwen2 GGUF: `tensors` dequantized (numpy order), `metadata` its key/value
-    fields ({field.name: field.contents()} of a gguf.GGUFReader). Unpermuted q/k, as for qwen3."""
-    config = LlamaConfig(**gguf_sizes(GGUF_ARCH, tensors, metadata), rope_scaling=None)
-    return config, gguf_llama_family_state(tensors, config, qk_norm=False)
+def gguf_config(header, config: dict) -> dict:
+    return gguf_llama_family_config(header, config) | dict(rope_scaling=None)
+
+
+def gguf_state(config: dict, t) -> dict[str, torch.Tensor]:
+    return gguf_llama_family_state(config, t, qk_norm=False)
+
+
+def gguf_tensors(cfg: LlamaConfig, s: dict) -> Iterator[tuple[str, torch.Tensor]]:
+    return gguf_llama_family_tensors(cfg, s, qk_norm=False)
+
+
+def model_info(cfg: LlamaConfig) -> dict:
+    return {"attention.head_count_kv": cfg.n_kv_heads, "feed_forward_length": cfg.d_ff, "rope.freq_base": cfg.rope_base}

@@ -8,7 +8,8 @@ by subclassing, so the two cannot drift apart. The HF/GGUF tensor-name maps here
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.cache import KVCache, attention_mask
+from models.checkpoint import CheckpointError
 from models.llama import Attention, Block, Llama, apply_rope
 
 
@@ -96,6 +98,10 @@ Model = Qwen3
 # --- Hugging Face config.json and tensors --------------------------------------------------------
 
 HF_MODEL_TYPES = ("qwen3",)
+# Our config keys -> HF config.json's, to name the file's own key when a value is refused.
+HF_KEYS = {"vocab_size": "vocab_size", "context_length": "max_position_embeddings", "d_model": "hidden_size",
+           "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads",
+           "head_dim": "head_dim", "d_ff": "intermediate_size", "norm_eps": "rms_norm_eps", "rope_base": "rope_theta"}
 
 
 def hf_rope_theta(cfg: dict) -> float:
@@ -104,14 +110,14 @@ def hf_rope_theta(cfg: dict) -> float:
     rope = cfg.get("rope_parameters") or {**(cfg.get("rope_scaling") or {}), "rope_theta": cfg.get("rope_theta")}
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind != "default":
-        raise ValueError(f"RoPE scaling {kind!r} is not supported (only plain RoPE)")
+        raise CheckpointError(f"RoPE scaling {kind!r} is not supported (only plain RoPE)")
     theta = rope.get("rope_theta")
     return 10000.0 if theta is None else float(theta)    # transformers' default
 
 
 def hf_check_no_sliding(cfg: dict) -> None:
     if cfg.get("use_sliding_window"):
-        raise ValueError(f"{cfg.get('model_type')} with use_sliding_window=true is not supported")
+        raise CheckpointError(f"{cfg.get('model_type')} with use_sliding_window=true is not supported")
 
 
 def config_from_hf(cfg: dict) -> Qwen3Config:
@@ -153,15 +159,15 @@ def convert_hf(state: dict[str, torch.Tensor], config: Qwen3Config) -> dict[str,
     return convert_llama_family(state, config, qk_norm=True)
 
 
-# --- GGUF (llama.cpp's qwen2 / qwen3 architectures) ----------------------------------------------
+def from_hf(cfg: dict, folder) -> tuple[dict, Callable[[dict], dict]]:
+    """The registry's hook: (our config as a dict, HF state_dict -> ours)."""
+    config = config_from_hf(cfg)
+    return asdict(config), lambda state: convert_hf(state, config)
+
+
+# --- GGUF (llama.cpp's qwen2 / qwen3 architectures; the "qwen3" entry of models/architectures.py) ----
 
 GGUF_ARCH = "qwen3"
-
-
-def gguf_tensor(a: np.ndarray) -> torch.Tensor:
-    """A dequantized GGUF array (numpy order: [out, in], as ours) as an fp32 tensor; read-only memory
-    maps are copied, since torch cannot wrap them."""
-    return torch.from_numpy(np.require(a, np.float32, ["C", "W"]))
 
 
 def gguf_float(v) -> float:
@@ -171,49 +177,83 @@ def gguf_float(v) -> float:
     return float(str(np.float32(v)))
 
 
-def gguf_sizes(arch: str, tensors: dict, metadata: dict) -> dict:
-    """The Llama-family sizes of a GGUF file's metadata ({key: value}, e.g. "qwen3.block_count")."""
-    g = lambda key, default=None: metadata.get(f"{arch}.{key}", default)  # noqa: E731
-    kind = g("rope.scaling.type", "none")
+def gguf_llama_family_config(header, config: dict) -> dict:
+    """`config` (the sizes every GGUF gives) completed from a qwen2/qwen3 GGUF's metadata."""
+    kind = header.get("rope.scaling.type", "none")
     if kind not in ("none", None):
-        raise ValueError(f"{arch} GGUF with RoPE scaling {kind!r} is not supported (only plain RoPE)")
-    n_heads = int(metadata[f"{arch}.attention.head_count"])
-    return dict(vocab_size=int(tensors["token_embd.weight"].shape[0]),
-                context_length=int(metadata[f"{arch}.context_length"]),
-                d_model=int(metadata[f"{arch}.embedding_length"]), n_layers=int(metadata[f"{arch}.block_count"]),
-                n_heads=n_heads, n_kv_heads=int(g("attention.head_count_kv", n_heads)),
-                d_ff=int(metadata[f"{arch}.feed_forward_length"]), rope_base=gguf_float(g("rope.freq_base", 10000.0)),
-                norm_eps=gguf_float(g("attention.layer_norm_rms_epsilon", 1e-6)),
-                tie_embeddings="output.weight" not in tensors, attn_bias="blk.0.attn_q.bias" in tensors)
+        raise CheckpointError(f"{header.path}: {header.arch} GGUF with RoPE scaling {kind!r} is not supported "
+                              "(only plain RoPE)")
+    return config | dict(n_kv_heads=int(header.get("attention.head_count_kv", config["n_heads"])),
+                         d_ff=header.get("feed_forward_length"),
+                         rope_base=gguf_float(header.get("rope.freq_base", 10000.0)),
+                         norm_eps=gguf_float(header.get("attention.layer_norm_rms_epsilon", 1e-6)),
+                         attn_bias="blk.0.attn_q.bias" in header.shapes)
 
 
-def gguf_llama_family_state(tensors: dict, config, qk_norm: bool) -> dict[str, torch.Tensor]:
-    """Our state from llama.cpp tensor names. llama.cpp permutes q/k rows only for its `llama` arch
-    (interleaved RoPE); qwen2/qwen3 use the NEOX (half-split) RoPE, as we do, and are stored unpermuted."""
-    t = lambda name: gguf_tensor(tensors[name])  # noqa: E731
-    state = {"tok_emb.weight": t("token_embd.weight"), "final_norm.weight": t("output_norm.weight")}
-    if not config.tie_embeddings:
-        state["head.weight"] = t("output.weight")
-    for i in range(config.n_layers):
+def gguf_config(header, config: dict) -> dict:
+    config = gguf_llama_family_config(header, config)
+    return config | dict(head_dim=int(header.get("attention.key_length", config["d_model"] // config["n_heads"])))
+
+
+# ours under blocks.N. -> llama.cpp's under blk.N. (q/k/v and gate/up are fused: see below)
+_LAYER = {"attn_norm.weight": "attn_norm.weight", "ffn_norm.weight": "ffn_norm.weight",
+          "attn.o_proj.weight": "attn_output.weight", "ffn.down.weight": "ffn_down.weight"}
+_QK_NORM = {"attn.q_norm.weight": "attn_q_norm.weight", "attn.k_norm.weight": "attn_k_norm.weight"}
+
+
+def gguf_llama_family_state(config: dict, t, qk_norm: bool) -> dict[str, torch.Tensor]:
+    """Our state but embedding and head from llama.cpp tensor names. llama.cpp permutes q/k rows only
+    for its `llama` arch (interleaved RoPE); qwen2/qwen3 use the NEOX (half-split) RoPE, as we do, and
+    are stored unpermuted."""
+    state = {"final_norm.weight": t("output_norm.weight")}
+    for i in range(config["n_layers"]):
         g, b = f"blk.{i}.", f"blocks.{i}."
-        state[b + "attn_norm.weight"] = t(g + "attn_norm.weight")
-        state[b + "ffn_norm.weight"] = t(g + "ffn_norm.weight")
+        for ours, theirs in (_LAYER | (_QK_NORM if qk_norm else {})).items():
+            state[b + ours] = t(g + theirs)
         state[b + "attn.qkv.weight"] = torch.cat([t(g + f"attn_{x}.weight") for x in "qkv"])
-        if config.attn_bias:
+        if config["attn_bias"]:
             state[b + "attn.qkv.bias"] = torch.cat([t(g + f"attn_{x}.bias") for x in "qkv"])
-        if qk_norm:
-            state[b + "attn.q_norm.weight"] = t(g + "attn_q_norm.weight")
-            state[b + "attn.k_norm.weight"] = t(g + "attn_k_norm.weight")
-        state[b + "attn.o_proj.weight"] = t(g + "attn_output.weight")
         state[b + "ffn.gate_up.weight"] = torch.cat([t(g + "ffn_gate.weight"), t(g + "ffn_up.weight")])
-        state[b + "ffn.down.weight"] = t(g + "ffn_down.weight")
     return state
 
 
-def convert_gguf(tensors: dict[str, np.ndarray], metadata: dict) -> tuple[Qwen3Config, dict[str, torch.Tensor]]:
-    """(config, state) of a qwen3 GGUF: `tensors` dequantized (numpy order), `metadata` its key/value
-    fields ({field.name: field.contents()} of a gguf.GGUFReader)."""
-    sizes = gguf_sizes(GGUF_ARCH, tensors, metadata)
-    head_dim = int(metadata.get(f"{GGUF_ARCH}.attention.key_length", sizes["d_model"] // sizes["n_heads"]))
-    config = Qwen3Config(**sizes, head_dim=head_dim)
-    return config, gguf_llama_family_state(tensors, config, qk_norm=True)
+def gguf_state(config: dict, t) -> dict[str, torch.Tensor]:
+    return gguf_llama_family_state(config, t, qk_norm=True)
+
+
+def gguf_llama_family_tensors(cfg, s: dict, qk_norm: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """gguf_llama_family_state's inverse, in the order llama.cpp's converter writes them."""
+    sizes = [cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim]
+    for i in range(cfg.n_layers):
+        b, g = f"blocks.{i}.", f"blk.{i}."
+        yield g + "attn_norm.weight", s[b + "attn_norm.weight"]
+        for suffix in ("weight", "bias"):
+            if b + f"attn.qkv.{suffix}" in s:
+                yield from zip((g + f"attn_{x}.{suffix}" for x in "qkv"), s[b + f"attn.qkv.{suffix}"].split(sizes))
+        for ours, theirs in (_QK_NORM if qk_norm else {}).items():
+            yield g + theirs, s[b + ours]
+        yield g + "attn_output.weight", s[b + "attn.o_proj.weight"]
+        yield g + "ffn_norm.weight", s[b + "ffn_norm.weight"]
+        yield from zip((g + "ffn_gate.weight", g + "ffn_up.weight"), s[b + "ffn.gate_up.weight"].chunk(2))
+        yield g + "ffn_down.weight", s[b + "ffn.down.weight"]
+    yield "output_norm.weight", s["final_norm.weight"]
+
+
+def gguf_tensors(cfg: Qwen3Config, s: dict) -> Iterator[tuple[str, torch.Tensor]]:
+    return gguf_llama_family_tensors(cfg, s, qk_norm=True)
+
+
+def gguf_hparams(writer, cfg) -> None:
+    """Metadata beyond the sizes every GGUF holds (models/gguf_export.py); qwen2 and qwen3 alike."""
+    writer.add_feed_forward_length(cfg.d_ff)
+    writer.add_head_count_kv(cfg.n_kv_heads)
+    writer.add_layer_norm_rms_eps(cfg.norm_eps)
+    writer.add_rope_freq_base(cfg.rope_base)
+    writer.add_key_length(cfg.head_dim)
+    writer.add_value_length(cfg.head_dim)
+
+
+def model_info(cfg) -> dict:
+    """Ollama's model_info keys beyond the common ones (harness/serve_engine.py), unprefixed."""
+    return {"attention.head_count_kv": cfg.n_kv_heads, "attention.key_length": cfg.head_dim,
+            "feed_forward_length": cfg.d_ff, "rope.freq_base": cfg.rope_base}

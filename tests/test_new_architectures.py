@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import pytest
 import torch
 
@@ -17,6 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 from models import gemma3, qwen2, qwen3  # noqa: E402
 from models.generate import generate_tokens  # noqa: E402
+from models.gguf_import import load_gguf  # noqa: E402
 from models.lm import _inference_layout  # noqa: E402
 
 VOCAB, WINDOW = 300, 8
@@ -178,14 +178,13 @@ def write_gguf(path, hf, arch: str) -> None:
 
 @pytest.mark.parametrize("name", ["qwen3", "qwen2", "gemma3-published"])
 def test_gguf_maps_give_transformers_logits(name, tmp_path):
-    import gguf
+    """Read by the GGUF loader through the architecture's registry hooks (models/gguf_import.py)."""
     module = REFERENCES[name][0]
     hf, _ = reference(name)
     write_gguf(tmp_path / "m.gguf", hf, module.GGUF_ARCH)
-    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
-    tensors = {t.name: np.asarray(t.data) for t in reader.tensors}
-    metadata = {f.name: f.contents() for f in reader.fields.values()}
-    config, state = module.convert_gguf(tensors, metadata)
+    arch, config, state = load_gguf(tmp_path / "m.gguf")
+    config = module.Config(**config)
+    assert arch == module.Model.architecture
     assert config == module.config_from_hf(hf.config.to_dict())
     model = module.Model(config).eval()
     model.load_state_dict(state, strict=True)
