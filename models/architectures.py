@@ -48,7 +48,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
-from models import gpt, llama
+from models import gemma3, gpt, llama, qwen2, qwen3
 from models.checkpoint import CheckpointError
 
 
@@ -86,6 +86,19 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
                  gguf_names=("llama",), gguf_config=llama.gguf_config, gguf_state=llama.gguf_state,
                  gguf_check=llama.gguf_check, gguf_hparams=llama.gguf_hparams, gguf_tensors=llama.gguf_tensors,
                  model_info=llama.model_info),
+    # Llama's model and config; an entry of its own for llama.cpp's unpermuted qwen2 layout.
+    Architecture(name="qwen2", config=llama.LlamaConfig, build=qwen2.Qwen2, configs=qwen2.NAMED_CONFIGS,
+                 hf_model_types=qwen2.HF_MODEL_TYPES, hf_keys=qwen2.HF_KEYS, from_hf=qwen2.from_hf,
+                 gguf_names=("qwen2",), gguf_config=qwen2.gguf_config, gguf_state=qwen2.gguf_state,
+                 gguf_hparams=qwen2.gguf_hparams, gguf_tensors=qwen2.gguf_tensors, model_info=qwen2.model_info),
+    Architecture(name="qwen3", config=qwen3.Qwen3Config, build=qwen3.Qwen3, configs=qwen3.NAMED_CONFIGS,
+                 hf_model_types=qwen3.HF_MODEL_TYPES, hf_keys=qwen3.HF_KEYS, from_hf=qwen3.from_hf,
+                 gguf_names=("qwen3",), gguf_config=qwen3.gguf_config, gguf_state=qwen3.gguf_state,
+                 gguf_hparams=qwen3.gguf_hparams, gguf_tensors=qwen3.gguf_tensors, model_info=qwen3.model_info),
+    Architecture(name="gemma3", config=gemma3.Gemma3Config, build=gemma3.Gemma3, configs=gemma3.NAMED_CONFIGS,
+                 hf_model_types=gemma3.HF_MODEL_TYPES, hf_keys=gemma3.HF_KEYS, from_hf=gemma3.from_hf,
+                 gguf_names=("gemma3",), gguf_config=gemma3.gguf_config, gguf_state=gemma3.gguf_state,
+                 gguf_hparams=gemma3.gguf_hparams, gguf_tensors=gemma3.gguf_tensors, model_info=gemma3.model_info),
 )}
 
 

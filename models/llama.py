@@ -110,10 +110,12 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
+    attn_class = Attention      # a subclass may swap the attention (Qwen3's QK-norm, models/qwen3.py)
+
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = self.attn_class(cfg)
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.ffn = SwiGLU(cfg)
 
@@ -124,12 +126,13 @@ class Block(nn.Module):
 
 class Llama(nn.Module):
     architecture = "llama"
+    block_class = Block         # Llama-family variants subclass Llama and swap the block
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.config = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(self.block_class(cfg) for _ in range(cfg.n_layers))
         self.final_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.head = decoder.output_head(cfg)
         for name, p in self.named_parameters():

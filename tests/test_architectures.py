@@ -21,9 +21,9 @@ ENTRIES = list(ARCHITECTURES.values())
 
 
 @pytest.mark.parametrize("find, value, message", [
-    (lookup, "phi3", "model.arch: unknown architecture 'phi3'; known: gpt, llama"),
-    (by_hf_model_type, "phi3", "model.arch: unknown model_type 'phi3'; known: gpt2, llama, mistral"),
-    (by_gguf_name, "phi3", "model.arch: unknown GGUF architecture 'phi3'; known: gpt2, llama"),
+    (lookup, "phi3", "model.arch: unknown architecture 'phi3'; known: gpt, llama, qwen2, qwen3, gemma3"),
+    (by_hf_model_type, "phi3", "model.arch: unknown model_type 'phi3'; known: gpt2, llama, mistral, qwen2, qwen3, gemma3_text, gemma3"),
+    (by_gguf_name, "phi3", "model.arch: unknown GGUF architecture 'phi3'; known: gpt2, llama, qwen2, qwen3, gemma3"),
 ])
 def test_unknown_names_list_the_known_ones(find, value, message):
     with pytest.raises(CheckpointError) as e:

@@ -16,7 +16,7 @@ for var, sub in (("HARNESS_DATA", "data"), ("HARNESS_MODELS", "models")):
 TASKS = sorted(p.stem for p in (CONF / "task").glob("*.yaml"))
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 REGISTRY = ["smollm2-135m-instruct", "gpt2-124m", "gpt2-355m", "gpt2-774m", "gpt2-1558m",
-            "gpt-tiny", "llama-tiny"]
+            "gpt-tiny", "llama-tiny", "gemma3-270m"]
 
 
 def _compose(*overrides):
