@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.cache import KVCache, attention_mask
-from models import protocol
+from models import decoder
 from models.checkpoint import CheckpointError
 from models.llama import apply_rope
 from models.qwen3 import gguf_float
@@ -178,7 +178,7 @@ class Gemma3(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, local=not cfg.is_global(i)) for i in range(cfg.n_layers))
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.head = protocol.output_head(cfg)
+        self.head = decoder.output_head(cfg)
         for name, p in self.named_parameters():
             if p.dim() == 2:
                 std = 0.02 / math.sqrt(2 * cfg.n_layers) if name.endswith(("o_proj.weight", "down.weight")) else 0.02
@@ -220,15 +220,15 @@ class Gemma3(nn.Module):
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """protocol.logits, then the optional final soft-capping (not on a classifier's head)."""
-        out = protocol.logits(self, hidden)
+        """decoder.logits, then the optional final soft-capping (not on a classifier's head)."""
+        out = decoder.logits(self, hidden)
         cap = self.config.final_logit_softcapping
         if cap and not self.config.num_classes:
             out = torch.tanh(out / cap) * cap
         return out
 
-    # The rest of the Model protocol, shared by the architectures (models/protocol.py).
-    hidden_states, forward, new_cache = protocol.hidden_states, protocol.forward, protocol.new_cache
+    # The rest of the Model protocol, shared by the architectures (models/decoder.py).
+    hidden_states, forward, new_cache = decoder.hidden_states, decoder.forward, decoder.new_cache
 
 
 Model = Gemma3
