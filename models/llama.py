@@ -83,10 +83,15 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=cfg.attn_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
+    def normalize_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Llama leaves queries and keys as projected; QK-norm architectures (Qwen3) override this."""
+        return q, k
+
     def forward(self, x, cos, sin, layer: int, cache: KVCache | None, attn_mask: torch.Tensor | None):
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.qkv(x).view(B, T, H + 2 * Hkv, D).transpose(1, 2).split([H, Hkv, Hkv], dim=1)
+        q, k = self.normalize_qk(q, k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)                   # [B, H(kv), T, D]
         if cache is not None:
             k, v = cache.update(layer, k, v)                                      # [B, Hkv, S, D]

@@ -14,11 +14,9 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from models.cache import KVCache, attention_mask
 from models.checkpoint import CheckpointError
-from models.llama import Attention, Block, Llama, apply_rope
+from models.llama import Attention, Block, Llama
 
 
 @dataclass
@@ -67,20 +65,8 @@ class QKNormAttention(Attention):
         self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
         self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
 
-    def forward(self, x, cos, sin, layer: int, cache: KVCache | None, attn_mask: torch.Tensor | None):
-        B, T, _ = x.shape
-        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self.qkv(x).view(B, T, H + 2 * Hkv, D).transpose(1, 2).split([H, Hkv, Hkv], dim=1)
-        q, k = self.q_norm(q), self.k_norm(k)                                     # over D, per head
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)                   # [B, H(kv), T, D]
-        if cache is not None:
-            k, v = cache.update(layer, k, v)                                      # [B, Hkv, S, D]
-        is_causal = False
-        if attn_mask is None:
-            attn_mask, is_causal = attention_mask(cache, T, x.device)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                                           enable_gqa=Hkv != H)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
+    def normalize_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.q_norm(q), self.k_norm(k)                                     # over D, per head
 
 
 class Qwen3Block(Block):
