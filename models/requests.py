@@ -77,7 +77,9 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 def prefix_groups(units: list[Unit], min_shared: int) -> Iterator[tuple[int, list[Unit]]]:
     """Sort units lexicographically and split them into runs that share a token prefix of at least
     `min_shared` tokens (a few-shot block: its KV cache is computed once per run), then one group of
-    all the rest (shared prefix 0). Every unit keeps at least one token of its own."""
+    all the rest (shared prefix 0). The prefix stops before every unit's first scored position:
+    choices that begin alike (ARC's " the sun" / " the moon") put their common first tokens in
+    every unit, and the hidden state that predicts them must come from the unit's own pass."""
     units = sorted(units, key=lambda u: u.tokens)
     unshared, i = [], 0
     while i < len(units):
@@ -87,7 +89,7 @@ def prefix_groups(units: list[Unit], min_shared: int) -> Iterator[tuple[int, lis
             j += 1
         group = units[i:j]
         shared = common_prefix(first, group[-1].tokens) if len(group) > 1 else 0
-        shared = min(shared, min(len(u.tokens) for u in group) - 1)
+        shared = min(shared, min(first_scored(u) for u in group))
         if min_shared and shared >= min_shared:
             yield shared, group
         else:
@@ -95,6 +97,13 @@ def prefix_groups(units: list[Unit], min_shared: int) -> Iterator[tuple[int, lis
         i = j
     if unshared:
         yield 0, unshared
+
+
+def first_scored(unit: Unit) -> int:
+    """The first position whose hidden state some target of `unit` needs (at least one token stays
+    the unit's own, even for a unit without targets)."""
+    longest = max((len(t) for _, t in unit.targets), default=1)
+    return len(unit.tokens) - max(longest, 1)
 
 
 def length_batches(group: list[Unit], prefix_len: int, max_batch_tokens: int) -> Iterator[list[Unit]]:

@@ -120,3 +120,22 @@ def test_loglikelihood_rolling_scores_every_token_once():
     assert lm.loglikelihood_rolling([text])[0] == pytest.approx(want, abs=1e-3)
     disjoint, strided = lm.loglikelihood_rolling([text], max_length=64), lm.loglikelihood_rolling([text], max_length=64, stride=16)
     assert disjoint[0] < 0 and strided[0] < 0 and disjoint[0] != strided[0]
+
+
+def test_shared_prefix_never_swallows_scored_positions():
+    """Choices that begin with the same tokens (ARC's " the sun" / " the moon") share those tokens in
+    every unit; a shared prefix running into them left negative columns that wrapped around to
+    padding, a wrong score, or an IndexError (gemma3-270m on the full ARC-Easy test split)."""
+    from models.requests import Unit, first_scored, prefix_groups, scored_positions
+    ctx = tuple(range(100, 170))                                   # 70 tokens: above min_shared
+    units = [Unit(ctx + (7, 8), [(0, [7, 8, 9])]), Unit(ctx + (7, 8), [(1, [7, 8, 5])]),
+             Unit(ctx + (7, 6), [(2, [7, 6])])]
+    (prefix_len, group), = prefix_groups(units, 64)
+    assert prefix_len == min(first_scored(u) for u in units) == len(ctx) - 1
+    assert min(scored_positions(group, prefix_len)[1]) >= 0
+
+    lm = load_lm("gpt-tiny", progress=False)
+    lm.min_shared_prefix = 8
+    context = "Question: " + "which of these orbits the planet we live on, and why? " * 3 + "\nAnswer:"
+    requests = [(context, " the sun goes round"), (context, " the moon"), (context, " the moon and stars")]
+    assert lm.loglikelihood(requests) == pytest.approx([_manual_loglikelihood(lm, c, x) for c, x in requests], abs=1e-4)
