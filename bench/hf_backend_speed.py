@@ -4,7 +4,7 @@ Both sides load one Hugging Face folder: the staged SmolLM2-135M-Instruct GGUF a
 dequantizes it, written once with save_pretrained (or `--folder` to use one you have). Both score
 the (context, continuation) pairs of `MMLUTask(subjects, num_fewshot=k).samples()`: ours through
 `models.hf.load_hf_lm(folder).loglikelihood`, lm-eval's as `Instance`s to `HFLM.loglikelihood`
-(fp32, batch_size 8, its fastest here per bench/mmlu_speed.py). Runs are interleaved after a
+(fp32, batch_size 8, its fastest here per bench/choice_speed.py). Runs are interleaved after a
 warm-up, medians reported, with prediction agreement and max |delta loglikelihood| beside them.
 
 Run:  python bench/hf_backend_speed.py [--subjects a,b] [--limit N] [--fewshot 0 5] [--repeats 3]
@@ -17,7 +17,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")          # nothing may reach the network
@@ -29,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common import write_summary  # noqa: E402
-from mmlu_speed import GGUF, lmeval_loglikelihood, models_dir, predictions, quiet_libraries, timed  # noqa: E402
+from choice_speed import GGUF, lmeval_loglikelihood, models_dir, predictions, quiet_libraries, timed  # noqa: E402
 
 from models.hf import load_hf_lm  # noqa: E402
 from tasks.mmlu import MMLUTask  # noqa: E402
