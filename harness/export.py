@@ -73,8 +73,8 @@ def _label(name: str) -> str:
 
 
 def export(cfg: ExportConfig, progress: bool = True) -> Path:
-    from models.checkpoint import gguf_field, open_gguf
     from models.gguf_export import QTYPES, ExportError, gguf_vocab, vocab_from_gguf, write_gguf
+    from models.gguf_meta import read_metadata
     from models.registry import load_model
 
     out = Path(cfg.out).expanduser()
@@ -88,8 +88,8 @@ def export(cfg: ExportConfig, progress: bool = True) -> Path:
     model, tokenizer, _ = load_model(cfg.model)
     source = _source_gguf(cfg.model)
     if source is not None:  # copy a GGUF-born vocabulary and name field by field
-        reader = open_gguf(source)
-        vocab, name = vocab_from_gguf(reader), gguf_field(reader, "general.name") or _label(cfg.model)
+        meta = read_metadata(source)
+        vocab, name = vocab_from_gguf(meta), meta.get("general.name") or _label(cfg.model)
     else:
         vocab, name = gguf_vocab(tokenizer), _label(cfg.model)
     log.info("writing %s (%s, %s)", out, model.architecture, cfg.dtype)

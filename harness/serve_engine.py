@@ -172,8 +172,8 @@ def _iso(ts: float) -> str:
 def _gguf_quantization(path: Path) -> str | None:
     import gguf
 
-    from models.checkpoint import gguf_field, open_gguf
-    file_type = gguf_field(open_gguf(path), "general.file_type")
+    from models.gguf_meta import read_metadata
+    file_type = read_metadata(path).get("general.file_type")
     try:
         return gguf.LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_")
     except (TypeError, ValueError):

@@ -4,7 +4,8 @@ which architectures exist.
 Loaders, the exporter, serving and the trainers look an architecture up here (by our name, an HF
 config.json `model_type` or a GGUF `general.architecture`) and call the entry's hooks; none of them
 branches on an architecture, and the torch side of a model is used only through the `Model`
-protocol (models/decoder.py). So adding an architecture is one model file plus one entry below:
+protocol (models/decoder.py). So adding an architecture is one model file (or two: Gemma 3 keeps its
+file formats in models/gemma3_formats.py) plus one entry below:
 
     Architecture(name="qwen3", config=Qwen3Config, build=Qwen3, configs=QWEN3_CONFIGS,
                  hf_model_types=("qwen3",), hf_keys=qwen3.HF_KEYS, from_hf=qwen3.from_hf,
@@ -48,7 +49,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
-from models import gemma3, gpt, llama, qwen2, qwen3
+from models import gemma3, gemma3_formats, gpt, llama, qwen2, qwen3
 from models.checkpoint import CheckpointError
 
 
@@ -95,10 +96,12 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
                  hf_model_types=qwen3.HF_MODEL_TYPES, hf_keys=qwen3.HF_KEYS, from_hf=qwen3.from_hf,
                  gguf_names=("qwen3",), gguf_config=qwen3.gguf_config, gguf_state=qwen3.gguf_state,
                  gguf_hparams=qwen3.gguf_hparams, gguf_tensors=qwen3.gguf_tensors, model_info=qwen3.model_info),
+    # The model in models/gemma3.py, its files in models/gemma3_formats.py.
     Architecture(name="gemma3", config=gemma3.Gemma3Config, build=gemma3.Gemma3, configs=gemma3.NAMED_CONFIGS,
-                 hf_model_types=gemma3.HF_MODEL_TYPES, hf_keys=gemma3.HF_KEYS, from_hf=gemma3.from_hf,
-                 gguf_names=("gemma3",), gguf_config=gemma3.gguf_config, gguf_state=gemma3.gguf_state,
-                 gguf_hparams=gemma3.gguf_hparams, gguf_tensors=gemma3.gguf_tensors, model_info=gemma3.model_info),
+                 hf_model_types=gemma3_formats.HF_MODEL_TYPES, hf_keys=gemma3_formats.HF_KEYS,
+                 from_hf=gemma3_formats.from_hf, gguf_names=("gemma3",), gguf_config=gemma3_formats.gguf_config,
+                 gguf_state=gemma3_formats.gguf_state, gguf_hparams=gemma3_formats.gguf_hparams,
+                 gguf_tensors=gemma3_formats.gguf_tensors, model_info=gemma3_formats.model_info),
 )}
 
 

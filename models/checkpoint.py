@@ -13,7 +13,9 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -118,7 +120,6 @@ def save_checkpoint(folder: str | Path, model: torch.nn.Module, tokenizer, prove
                     overwrite: bool = False, labels: list[str] | None = None) -> Path:
     """Write model.safetensors + config.json + tokenizer files + provenance.json atomically: into a
     temporary sibling folder first, renamed into place only when complete."""
-    from dataclasses import asdict
     from safetensors.torch import save_file
     folder = Path(folder)
     if folder.exists() and not overwrite:
@@ -155,6 +156,15 @@ def strip_prefix(state: dict, prefix: str) -> dict:
     return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
 
 
+def from_hf_hook(config_from_hf: Callable[[dict], Any], convert_hf: Callable[[dict, Any], dict]):
+    """The registry's from_hf hook (models/architectures.py) of a model file whose config_from_hf(HF
+    config dict) gives its config dataclass and convert_hf(HF state_dict, that config) our tensors."""
+    def from_hf(cfg: dict, folder) -> tuple[dict, Callable[[dict], dict]]:
+        config = config_from_hf(cfg)
+        return asdict(config), lambda state: convert_hf(state, config)
+    return from_hf
+
+
 def load_hf(folder: Path):
     """(architecture, config, state_dict) of an HF folder; the config is checked against the
     safetensors header before any tensor is read."""
@@ -186,20 +196,7 @@ def load_hf(folder: Path):
     return arch.name, config, converted(_read_safetensors(files))
 
 
-# --- GGUF (the loader itself is models/gguf_import.py) ---------------------------------------------
-
-def open_gguf(path: Path):
-    import gguf
-    try:
-        return gguf.GGUFReader(str(path))
-    except Exception as e:  # truncated files fail inside numpy memmap / struct parsing
-        raise CheckpointError(f"cannot read GGUF file {path}: {e} (truncated or not a GGUF file?)") from None
-
-
-def gguf_field(reader, key: str, default=None):
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
-
+# --- any of the above, or a GGUF file (read in models/gguf_import.py) ------------------------------
 
 def load_any(path: str | Path):
     """(architecture, config dict, state_dict, kind) for a .gguf file, our folder, or an HF folder."""

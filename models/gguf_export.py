@@ -148,11 +148,9 @@ def vocab_from_tokenizers(tok) -> GGUFVocab:
                      chat_template=tok.chat_template)
 
 
-def vocab_from_gguf(reader: gguf.GGUFReader) -> GGUFVocab:
-    """A GGUF-born tokenizer (SmolLM2): copied field by field."""
-    def field(key, default=None):
-        f = reader.fields.get(key)
-        return default if f is None else f.contents()
+def vocab_from_gguf(metadata: dict) -> GGUFVocab:
+    """A GGUF-born tokenizer (SmolLM2): copied field by field from its metadata (models/gguf_meta.py)."""
+    field = metadata.get
 
     if field("tokenizer.ggml.model") != "gpt2":
         raise ExportError(f"GGUF tokenizer model {field('tokenizer.ggml.model')!r} is not supported (gpt2)")

@@ -14,23 +14,24 @@ import numpy as np
 import torch
 
 from models.architectures import by_gguf_name
-from models.checkpoint import CheckpointError, gguf_field, open_gguf
+from models.checkpoint import CheckpointError
+from models.gguf_meta import read_gguf
 
 
 @dataclass
 class GGUFHeader:
     """What an architecture's gguf_config hook reads: metadata and tensor shapes, no tensor data."""
     path: Path
-    reader: object                   # gguf.GGUFReader
+    metadata: dict                   # key -> value (models/gguf_meta.py)
     arch: str                        # general.architecture
     shapes: dict[str, tuple]         # tensor name -> shape, [out, in] like ours
 
     def get(self, key: str, default=None):
         """The architecture's own key: get("context_length") reads "<arch>.context_length"."""
-        return gguf_field(self.reader, f"{self.arch}.{key}", default)
+        return self.metadata.get(f"{self.arch}.{key}", default)
 
     def field(self, key: str, default=None):
-        return gguf_field(self.reader, key, default)
+        return self.metadata.get(key, default)
 
 
 def _common_config(h: GGUFHeader) -> dict:
@@ -41,15 +42,15 @@ def _common_config(h: GGUFHeader) -> dict:
 
 def load_gguf(path: Path):
     """(architecture, config, state_dict) of a GGUF file. Its metadata is checked against the tensor
-    shapes in its header (the reader memory-maps the file) before anything is dequantized."""
+    shapes in its header (the tensor data is memory-mapped, not read) before anything is dequantized."""
     from gguf.quants import dequantize
 
     from models.shapes import check_fits, make_config
-    reader = open_gguf(path)
-    gguf_arch = gguf_field(reader, "general.architecture")
+    file = read_gguf(path)
+    gguf_arch = file.metadata.get("general.architecture")
     arch = by_gguf_name(gguf_arch, str(path))
-    shapes = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}  # numpy order
-    header = GGUFHeader(path, reader, gguf_arch, shapes)
+    shapes = {name: t.shape for name, t in file.tensors.items()}  # numpy order: [out, in]
+    header = GGUFHeader(path, file.metadata, gguf_arch, shapes)
     names = {k: f"{gguf_arch}.{v}" for k, v in (
         ("context_length", "context_length"), ("d_model", "embedding_length"), ("n_layers", "block_count"),
         ("n_heads", "attention.head_count"), ("n_kv_heads", "attention.head_count_kv"),
@@ -75,7 +76,7 @@ def load_gguf(path: Path):
     check_fits(arch.name, config, convert(meta.__getitem__), f"{path}'s metadata", "its tensor data",
                "convert or export the file again", names)
     try:
-        tensors = {t.name: dequantize(t.data, t.tensor_type) for t in reader.tensors}
+        tensors = {name: dequantize(file.data(name), t.ggml_type) for name, t in file.tensors.items()}
     except Exception as e:
         raise CheckpointError(f"cannot dequantize {path}: {e}") from None
     # np.require copies read-only F32 memmaps, which torch cannot wrap.

@@ -77,6 +77,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
+    scale: float | None = None  # of the attention logits; None: scaled_dot_product_attention's head_dim**-0.5
+
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -87,6 +89,13 @@ class Attention(nn.Module):
         """Llama leaves queries and keys as projected; QK-norm architectures (Qwen3) override this."""
         return q, k
 
+    def visible_keys(self, k, v, attn_mask: torch.Tensor | None, cache: KVCache | None, T: int):
+        """(k, v, attn_mask, is_causal) for scaled_dot_product_attention: every key, causally or as
+        `attn_mask` says. Gemma's sliding-window layers keep only their window (models/gemma3.py)."""
+        if attn_mask is not None:
+            return k, v, attn_mask, False
+        return (k, v, *attention_mask(cache, T, k.device))
+
     def forward(self, x, cos, sin, layer: int, cache: KVCache | None, attn_mask: torch.Tensor | None):
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
@@ -95,15 +104,16 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)                   # [B, H(kv), T, D]
         if cache is not None:
             k, v = cache.update(layer, k, v)                                      # [B, Hkv, S, D]
-        is_causal = False
-        if attn_mask is None:
-            attn_mask, is_causal = attention_mask(cache, T, x.device)
+        k, v, attn_mask, is_causal = self.visible_keys(k, v, attn_mask, cache, T)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                                           enable_gqa=Hkv != H)
+                                           scale=self.scale, enable_gqa=Hkv != H)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
 
 
 class SwiGLU(nn.Module):
+    """down(act(gate) * up), gate and up one matmul; act is SiLU here, tanh GELU in Gemma's GeGLU."""
+    act = staticmethod(F.silu)
+
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.gate_up = nn.Linear(cfg.d_model, 2 * cfg.d_ff, bias=False)
@@ -111,7 +121,7 @@ class SwiGLU(nn.Module):
 
     def forward(self, x):
         gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return self.down(self.act(gate) * up)
 
 
 class Block(nn.Module):

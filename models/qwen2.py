@@ -7,12 +7,11 @@ The tensor-name maps are shared with Qwen3 (models/qwen3.py), whose tensors add 
 """
 from __future__ import annotations
 
-from dataclasses import asdict
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 
-from models.checkpoint import CheckpointError
+from models.checkpoint import CheckpointError, from_hf_hook
 from models.llama import HF_KEYS, Llama, LlamaConfig  # noqa: F401 (HF_KEYS: the registry entry's)
 from models.qwen3 import (convert_llama_family, gguf_hparams, gguf_llama_family_config,  # noqa: F401
                           gguf_llama_family_state, gguf_llama_family_tensors, hf_check_no_sliding, hf_rope_theta)
@@ -62,10 +61,7 @@ def convert_hf(state: dict[str, torch.Tensor], config: LlamaConfig) -> dict[str,
     return convert_llama_family(state, config, qk_norm=False)
 
 
-def from_hf(cfg: dict, folder) -> tuple[dict, Callable[[dict], dict]]:
-    """The registry's hook: (our config as a dict, HF state_dict -> ours)."""
-    config = config_from_hf(cfg)
-    return asdict(config), lambda state: convert_hf(state, config)
+from_hf = from_hf_hook(config_from_hf, convert_hf)
 
 
 GGUF_ARCH = "qwen2"

@@ -8,14 +8,14 @@ by subclassing, so the two cannot drift apart. The HF/GGUF tensor-name maps here
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Callable, Iterator
+from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from models.checkpoint import CheckpointError
+from models.checkpoint import CheckpointError, from_hf_hook
 from models.llama import Attention, Block, Llama
 
 
@@ -58,12 +58,14 @@ NAMED_CONFIGS: dict[str, dict] = {
 
 class QKNormAttention(Attention):
     """Llama attention with each query and key head RMS-normalised (learned scale over head_dim)
-    before RoPE: it bounds the attention logits, which is what Qwen2's q/k/v biases were not doing."""
+    before RoPE: it bounds the attention logits, which is what Qwen2's q/k/v biases were not doing.
+    Gemma 3's attention is this with its own RMSNorm (1 + w), scale and window (models/gemma3.py)."""
+    norm_class: type[nn.Module] = nn.RMSNorm
 
     def __init__(self, cfg: Qwen3Config):
         super().__init__(cfg)
-        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
-        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+        self.q_norm = self.norm_class(cfg.head_dim, eps=cfg.norm_eps)
+        self.k_norm = self.norm_class(cfg.head_dim, eps=cfg.norm_eps)
 
     def normalize_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.q_norm(q), self.k_norm(k)                                     # over D, per head
@@ -145,10 +147,7 @@ def convert_hf(state: dict[str, torch.Tensor], config: Qwen3Config) -> dict[str,
     return convert_llama_family(state, config, qk_norm=True)
 
 
-def from_hf(cfg: dict, folder) -> tuple[dict, Callable[[dict], dict]]:
-    """The registry's hook: (our config as a dict, HF state_dict -> ours)."""
-    config = config_from_hf(cfg)
-    return asdict(config), lambda state: convert_hf(state, config)
+from_hf = from_hf_hook(config_from_hf, convert_hf)
 
 
 # --- GGUF (llama.cpp's qwen2 / qwen3 architectures; the "qwen3" entry of models/architectures.py) ----

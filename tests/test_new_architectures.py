@@ -14,13 +14,15 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from models import gemma3, qwen2, qwen3  # noqa: E402
+from models import gemma3, gemma3_formats, qwen2, qwen3  # noqa: E402
 from models.generate import generate_tokens  # noqa: E402
 from models.gguf_import import load_gguf  # noqa: E402
 from models.lm import _inference_layout  # noqa: E402
 
 VOCAB, WINDOW = 300, 8
 LOCAL, GLOBAL = gemma3.LOCAL, gemma3.GLOBAL
+# model module -> the module of its file formats (config_from_hf, convert_hf, GGUF_ARCH)
+FORMATS = {qwen3: qwen3, qwen2: qwen2, gemma3: gemma3_formats}
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
               max_position_embeddings=256, initializer_range=0.2, rms_norm_eps=1e-6)
 
@@ -60,9 +62,9 @@ def reference(name: str):
                     p.add_(torch.randn_like(p) * 0.3)
         hf.generation_config.eos_token_id = None       # greedy runs its full length
         hf.generation_config.pad_token_id = 0
-        config = module.config_from_hf(hf.config.to_dict())
+        config = FORMATS[module].config_from_hf(hf.config.to_dict())
         ours = module.Model(config).eval()
-        ours.load_state_dict(module.convert_hf(hf.state_dict(), config), strict=True)
+        ours.load_state_dict(FORMATS[module].convert_hf(hf.state_dict(), config), strict=True)
         _built[name] = hf, ours
     return _built[name]
 
@@ -181,11 +183,11 @@ def test_gguf_maps_give_transformers_logits(name, tmp_path):
     """Read by the GGUF loader through the architecture's registry hooks (models/gguf_import.py)."""
     module = REFERENCES[name][0]
     hf, _ = reference(name)
-    write_gguf(tmp_path / "m.gguf", hf, module.GGUF_ARCH)
+    write_gguf(tmp_path / "m.gguf", hf, FORMATS[module].GGUF_ARCH)
     arch, config, state = load_gguf(tmp_path / "m.gguf")
     config = module.Config(**config)
     assert arch == module.Model.architecture
-    assert config == module.config_from_hf(hf.config.to_dict())
+    assert config == FORMATS[module].config_from_hf(hf.config.to_dict())
     model = module.Model(config).eval()
     model.load_state_dict(state, strict=True)
     x = prompts(2, 30, seed=6)
@@ -199,7 +201,7 @@ PUBLISHED = {   # config.json as published (transformers 4.x layout), and the na
     "gemma3-270m": (gemma3, dict(
         model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], attention_bias=False, attn_logit_softcapping=None,
         final_logit_softcapping=None, head_dim=256, hidden_activation="gelu_pytorch_tanh", hidden_size=640,
-        intermediate_size=2048, layer_types=gemma3._default_layer_types(18), max_position_embeddings=32768,
+        intermediate_size=2048, layer_types=gemma3.default_layer_types(18), max_position_embeddings=32768,
         num_attention_heads=4, num_hidden_layers=18, num_key_value_heads=1, query_pre_attn_scalar=256,
         rms_norm_eps=1e-6, rope_local_base_freq=10000.0, rope_scaling=None, rope_theta=1000000.0, sliding_window=512,
         _sliding_window_pattern=6, use_bidirectional_attention=False, vocab_size=262144)),
@@ -222,7 +224,7 @@ PUBLISHED = {   # config.json as published (transformers 4.x layout), and the na
 @pytest.mark.parametrize("name", PUBLISHED)
 def test_config_from_published_config_json(name):
     module, cfg = PUBLISHED[name]
-    assert module.config_from_hf(cfg) == module.Config(**module.NAMED_CONFIGS[name])
+    assert FORMATS[module].config_from_hf(cfg) == module.Config(**module.NAMED_CONFIGS[name])
 
 
 # Published parameter counts (embedding counted once when tied), to the precision the model cards give.
