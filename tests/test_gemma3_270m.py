@@ -18,6 +18,7 @@ import torch
 
 from clitools import ENV, ROOT
 from models.generate import generate_tokens
+from models.lm import end_of_turn_ids
 from models.registry import MODELS, fetch, load_model
 from models.requests import move_trailing_space
 from tasks.instruction_data import ALPACA_HEADER
@@ -168,6 +169,12 @@ def test_sms_spam_zero_shot_through_the_cli(path, tmp_path):
         assert r["prediction"] == max(lp, key=lp.get) and r["scores"]["acc"] == (r["prediction"] == r["target"])
     cells = {c: rows.value[c] for c in ("tp", "fp", "tn", "fn")}
     assert sum(cells.values()) == 14 and rows.value["acc"] == pytest.approx((cells["tp"] + cells["tn"]) / 14)
+
+
+def test_end_of_turn_ends_a_generation(ours):
+    """The GGUF's EOS is <eos> (1); a turn ends with <end_of_turn> (106), where llama.cpp stops too."""
+    _, tokenizer = ours
+    assert tokenizer.eos_id == 1 and end_of_turn_ids(tokenizer) == [106]
 
 
 def test_instruct_through_the_cli(path, tmp_path):
