@@ -30,12 +30,12 @@ def top_logprobs(server, prompt: str | list[int], n: int = 10) -> tuple[int, lis
 
 def assert_llama_cpp_agrees(path: Path, model, tok, texts: Sequence[str], tol: float = 1e-4) -> None:
     """llama.cpp loads the GGUF at `path` (exported from `model`, vocabulary `tok`); for each text it
-    reads as many tokens as `tok.encode` gives and ranks the same top 10 from the text as from our
-    ids; its log-probs from our ids are within `tol` of `model`'s, and its best token is ours (up to
-    ties)."""
+    reads as many tokens as we do (BOS first where `tok` adds one) and ranks the same top 10 from the
+    text as from our ids; its log-probs from our ids are within `tol` of `model`'s, and its best token
+    is ours (up to ties)."""
     server = llama_cpp_server(path)
     for text in texts:
-        ids = tok.encode(text)
+        ids = ([tok.bos_id] if tok.add_bos else []) + tok.encode(text)
         with torch.inference_mode():
             ours = torch.log_softmax(model(torch.tensor([ids]))[0, -1].double(), -1)
         n_tokens, from_text = top_logprobs(server, text)
