@@ -10,7 +10,8 @@ architecture's entry in models/architectures.py gives its llama.cpp name, the re
 permuted into llama.cpp's interleaved RoPE layout, and Llama-3 RoPE scaling as `rope_freqs`).
 
 The tokenizer is llama.cpp's "gpt2" (byte-level BPE) model with pre-tokenizer "gpt-2" (GPT-2's
-regex) or "smollm" (every digit split first). Weights are stored [out, in] like nn.Linear; 1-D tensors (norms, biases, rope factors) stay F32
+regex) or "smollm" (every digit split first); a model loaded from a GGUF file keeps that file's
+vocabulary, also a SentencePiece ("llama") one such as Gemma's. Weights are stored [out, in] like nn.Linear; 1-D tensors (norms, biases, rope factors) stay F32
 whatever `dtype` says, as llama.cpp's converter keeps them.
 """
 from __future__ import annotations
@@ -45,10 +46,11 @@ class ExportError(UserError):
 
 @dataclass
 class GGUFVocab:
-    """Everything llama.cpp's byte-level BPE ("gpt2" tokenizer model) reads from the metadata."""
-    tokens: list[str]            # byte-level spellings ("Ġthe"), index = id
+    """Everything llama.cpp's byte-level BPE ("gpt2" tokenizer model) or SentencePiece ("llama")
+    reads from the metadata."""
+    tokens: list[str]            # byte-level spellings ("Ġthe"), or SentencePiece pieces ("▁the"); index = id
     token_types: list[int]       # gguf.TokenType values
-    merges: list[str]            # "left right", in merge order
+    merges: list[str]            # "left right", in merge order (BPE only)
     pre: str                     # llama.cpp's pre-tokenizer name: "gpt-2", "smollm", ...
     eos_id: int
     bos_id: int | None = None
@@ -57,6 +59,9 @@ class GGUFVocab:
     add_bos: bool = False
     add_eos: bool | None = None
     chat_template: str | None = None
+    model: str = "gpt2"          # tokenizer.ggml.model: "gpt2" | "llama" (SentencePiece)
+    scores: list[float] | None = None    # SentencePiece piece scores
+    add_space_prefix: bool | None = None  # SentencePiece: llama.cpp assumes true when absent (Gemma: false)
 
     def padded(self, vocab_size: int) -> GGUFVocab:
         """llama.cpp wants one token per embedding row; extra rows become unused [PADn] tokens
@@ -65,7 +70,8 @@ class GGUFVocab:
             raise ExportError(f"tokenizer has {len(self.tokens)} tokens but the model only {vocab_size} rows")
         extra = range(len(self.tokens), vocab_size)
         return replace(self, tokens=self.tokens + [f"[PAD{i}]" for i in extra],
-                       token_types=self.token_types + [gguf.TokenType.UNUSED] * len(extra))
+                       token_types=self.token_types + [gguf.TokenType.UNUSED] * len(extra),
+                       scores=None if self.scores is None else self.scores + [0.0] * len(extra))
 
 
 @functools.lru_cache(maxsize=1)
@@ -149,18 +155,23 @@ def vocab_from_tokenizers(tok) -> GGUFVocab:
 
 
 def vocab_from_gguf(metadata: dict) -> GGUFVocab:
-    """A GGUF-born tokenizer (SmolLM2): copied field by field from its metadata (models/gguf_meta.py)."""
+    """A GGUF-born tokenizer, byte-level BPE (SmolLM2) or SentencePiece (Gemma): copied field by
+    field from its metadata (models/gguf_meta.py)."""
     field = metadata.get
 
-    if field("tokenizer.ggml.model") != "gpt2":
-        raise ExportError(f"GGUF tokenizer model {field('tokenizer.ggml.model')!r} is not supported (gpt2)")
+    kind = field("tokenizer.ggml.model")
+    if kind not in ("gpt2", "llama"):
+        raise ExportError(f"GGUF tokenizer model {kind!r} is not supported (gpt2, llama)")
     tokens = field("tokenizer.ggml.tokens")
     return GGUFVocab(tokens, field("tokenizer.ggml.token_type") or [1] * len(tokens),
                      field("tokenizer.ggml.merges", []), field("tokenizer.ggml.pre") or "default",
                      eos_id=field("tokenizer.ggml.eos_token_id"), bos_id=field("tokenizer.ggml.bos_token_id"),
                      pad_id=field("tokenizer.ggml.padding_token_id"), unk_id=field("tokenizer.ggml.unknown_token_id"),
-                     add_bos=bool(field("tokenizer.ggml.add_bos_token", False)),
-                     add_eos=field("tokenizer.ggml.add_eos_token"), chat_template=field("tokenizer.chat_template"))
+                     # llama.cpp's defaults when the key is absent: BOS for SentencePiece, none for BPE
+                     add_bos=bool(field("tokenizer.ggml.add_bos_token", kind == "llama")),
+                     add_eos=field("tokenizer.ggml.add_eos_token"), chat_template=field("tokenizer.chat_template"),
+                     model=kind, scores=field("tokenizer.ggml.scores") if kind == "llama" else None,
+                     add_space_prefix=field("tokenizer.ggml.add_space_prefix"))
 
 
 def gguf_vocab(tok) -> GGUFVocab:
@@ -201,11 +212,16 @@ def _add_hparams(w: gguf.GGUFWriter, arch, cfg) -> None:
 
 
 def _add_tokenizer(w: gguf.GGUFWriter, vocab: GGUFVocab) -> None:
-    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_model(vocab.model)
     w.add_tokenizer_pre(vocab.pre)
     w.add_token_list(vocab.tokens)
+    if vocab.scores is not None:
+        w.add_token_scores(vocab.scores)
     w.add_token_types([int(t) for t in vocab.token_types])
-    w.add_token_merges(vocab.merges)
+    if vocab.merges or vocab.model == "gpt2":
+        w.add_token_merges(vocab.merges)
+    if vocab.add_space_prefix is not None:
+        w.add_add_space_prefix(vocab.add_space_prefix)
     for add, token_id in ((w.add_bos_token_id, vocab.bos_id), (w.add_eos_token_id, vocab.eos_id),
                           (w.add_unk_token_id, vocab.unk_id), (w.add_pad_token_id, vocab.pad_id)):
         if token_id is not None:

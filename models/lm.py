@@ -44,6 +44,7 @@ class TorchLM:
         self.prefix_token = tokenizer.bos_id if tokenizer.add_bos and tokenizer.bos_id is not None else tokenizer.eos_id
         # A classifier checkpoint (num_classes > 0) answers classify(); its labels come from config.json.
         self.labels: list[str] | None = list(self.info.get("labels") or []) or None
+        self._stop_ids: list[int] | None = None    # stop_ids(), worked out on first use
 
     # -- tokenization -----------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -180,8 +181,29 @@ class TorchLM:
         return outputs
 
     def stop_ids(self) -> list[int]:
-        """Token ids that end a generation."""
-        return [self.tokenizer.eos_id]
+        """Token ids that end a generation: EOS, and the vocabulary's end-of-turn token where that is
+        another one (`end_of_turn_ids`)."""
+        if self._stop_ids is None:
+            self._stop_ids = [self.tokenizer.eos_id] + [i for i in end_of_turn_ids(self.tokenizer)
+                                                        if i != self.tokenizer.eos_id]
+        return self._stop_ids
+
+
+# Chat templates' end-of-turn markers. llama.cpp (so Ollama) ends a generation at these as at EOS
+# (its "end of generation" tokens, recognised by their text), which matters where a GGUF names
+# another token EOS: Gemma's <eos> (1) vs <end_of_turn> (106), a Qwen base model's <|endoftext|>
+# vs <|im_end|>. Without them a turn would run on into the next one.
+END_OF_TURN = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>")
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """Ids of the END_OF_TURN markers that `tokenizer` has as one whole token (a special token)."""
+    ids = []
+    for marker in END_OF_TURN:
+        encoded = tokenizer.encode(marker)
+        if len(encoded) == 1 and tokenizer.decode(encoded) == marker:
+            ids.append(encoded[0])
+    return ids
 
 
 def _inference_layout(model):

@@ -12,6 +12,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from llamacpp import assert_llama_cpp_agrees
 
 from harness.export import ExportConfig, export, main
 from models.checkpoint import build_model, save_checkpoint
@@ -127,27 +128,8 @@ def test_llama_q_k_rows_are_interleaved_like_llama_cpp(tiny_exports):
 def test_llama_cpp_loads_the_export_and_agrees(tiny_exports, name):
     """llama.cpp itself (the prebuilt `xllamacpp` wheel, when installed): it accepts the metadata,
     tokenizes text as we do and, from our token ids, ranks the next token as we do."""
-    xlc = pytest.importorskip("xllamacpp")
     model, tok, _ = load_model(name)
-    params = xlc.CommonParams()
-    params.model.path, params.n_ctx, params.n_parallel, params.warmup = str(tiny_exports[name]), 256, 1, False
-    params.cpuparams.n_threads = params.cpuparams_batch.n_threads = 1
-    params.cache_type_k = params.cache_type_v = 0  # F32 KV cache and plain attention: fp32 throughout
-    params.flash_attn_type = 0
-    server = xlc.Server(params)
-
-    def top10(prompt):
-        r = server.handle_completions({"prompt": prompt, "n_predict": 1, "n_probs": 10, "temperature": 0})
-        return r["usage"]["prompt_tokens"], r["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
-
-    for text in SENTENCES[:4]:
-        ids = tok.encode(text)
-        ours = torch.log_softmax(_logits(model, ids)[0, -1].double(), -1)
-        n_tokens, from_text = top10(text)
-        _, from_ids = top10(ids)
-        assert n_tokens == len(ids) and [e["id"] for e in from_text] == [e["id"] for e in from_ids]
-        assert max(abs(e["logprob"] - ours[e["id"]].item()) for e in from_ids) <= 1e-4
-        assert ours.max().item() - ours[from_ids[0]["id"]].item() <= 1e-3  # its best is ours (up to ties)
+    assert_llama_cpp_agrees(tiny_exports[name], model, tok, SENTENCES[:4])
 
 
 @pytest.mark.parametrize("dtype, qtype", [("f16", gguf.GGMLQuantizationType.F16),

@@ -1,6 +1,6 @@
 """Qwen2, Qwen3 and Gemma 3 through the workflows that see a model only through its registry entry
-(models/architectures.py) and the Model protocol: GGUF export and reload, pretraining from scratch,
-classification finetuning of a checkpoint folder."""
+(models/architectures.py) and the Model protocol: GGUF export and reload (by our loader and by
+llama.cpp), pretraining from scratch, classification finetuning of a checkpoint folder."""
 from __future__ import annotations
 
 import subprocess
@@ -11,6 +11,7 @@ import torch
 
 from clitools import ENV, ROOT
 from harness.export import ExportConfig, export
+from llamacpp import assert_llama_cpp_agrees
 from models.architectures import lookup
 from models.checkpoint import build_model, save_checkpoint
 from models.registry import load_model
@@ -42,6 +43,24 @@ def test_export_round_trips_through_our_loader(tmp_path, arch, config):
         delta = (model(ids) - reloaded(ids)).abs().max().item()
     # Gemma's norms go through fp32 1 + w and back: a rounding of their last bit at most
     assert delta == 0 if arch != "gemma3" else delta <= 1e-5, delta
+
+
+# Short texts, and one longer than gemma3-tiny's 16-token window (GPT-2 tokens: the checkpoints' vocabulary).
+TEXTS = ["Hello, world! This is a test.", "Unicode: café, naïve, 日本語, emoji 🙂.",
+         ("Don't stop; we'll see what they've done. The river rose by three feet, then by four more, and the "
+          "bank gave way before the evening.")]
+
+
+@pytest.mark.parametrize("arch, config", TINY)
+def test_llama_cpp_loads_the_export_and_agrees(tmp_path, arch, config):
+    """llama.cpp reads our metadata as we meant it: QK-norm, Qwen's NEOX RoPE, Gemma's 1 + w norms,
+    its per-layer local/global pattern, window and two RoPE bases (each, read wrong, moves such
+    log-probs by ~0.2).
+    Gemma's tolerance is wider: ggml's CPU GELU goes through a float16 lookup table (gaps up to ~1e-4,
+    as for gpt-tiny; rounding the GELU's input and output to fp16 on our side brings them to ~1e-5)."""
+    model, folder = checkpoint(tmp_path / config, arch, config)
+    path = export(ExportConfig(model=str(folder), out=str(tmp_path / "m.gguf")), progress=False)
+    assert_llama_cpp_agrees(path, model, gpt2_tokenizer(), TEXTS, tol=2e-4 if arch == "gemma3" else 1e-4)
 
 
 @pytest.mark.parametrize("arch, config", [("qwen3", "qwen3-tiny"), ("gemma3", "gemma3-tiny")])
