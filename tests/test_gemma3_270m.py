@@ -18,7 +18,7 @@ import torch
 
 from clitools import ENV, ROOT
 from llamacpp import assert_llama_cpp_agrees
-from models.checkpoint import open_gguf
+from models.gguf_meta import read_metadata
 from models.generate import generate_tokens
 from models.gguf_export import vocab_from_gguf, write_gguf
 from models.gguf_meta import read_metadata
@@ -96,7 +96,7 @@ def test_export_keeps_the_sentencepiece_vocabulary_and_llama_cpp_agrees(path, ou
     ranks our top 10 next tokens. Its log-probs are a few 1e-3 off ours: ggml's CPU kernels
     over 18 layers, half of it its float16 GELU table (tests/test_new_arch_workflows.py)."""
     model, tokenizer = ours
-    out = write_gguf(tmp_path / "gemma.gguf", model, vocab_from_gguf(open_gguf(path)), name="Gemma 3 270m",
+    out = write_gguf(tmp_path / "gemma.gguf", model, vocab_from_gguf(read_metadata(path)), name="Gemma 3 270m",
                      progress=False)
     source, written = read_metadata(path), read_metadata(out)
     keys = {k for k in written if k.startswith("tokenizer.")}
