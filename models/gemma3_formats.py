@@ -9,7 +9,7 @@ import torch
 
 from models.checkpoint import CheckpointError, from_hf_hook
 from models.gemma3 import GLOBAL, LOCAL, Gemma3Config, default_layer_types
-from models.qwen3 import gguf_float
+from models.qwen3 import gguf_float, gguf_hparams as qwen3_hparams
 
 # --- Hugging Face config.json and tensors ------------------------------------------------------------
 
@@ -185,14 +185,10 @@ def _split(cfg: Gemma3Config, ours: str, w: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def gguf_hparams(writer, cfg: Gemma3Config) -> None:
-    """Metadata beyond the sizes every GGUF holds (models/gguf_export.py)."""
+    """Metadata beyond the sizes every GGUF holds (models/gguf_export.py): Qwen3's, then the local
+    layers' window, pattern and RoPE base."""
     import gguf
-    writer.add_feed_forward_length(cfg.d_ff)
-    writer.add_head_count_kv(cfg.n_kv_heads)
-    writer.add_layer_norm_rms_eps(cfg.norm_eps)
-    writer.add_key_length(cfg.head_dim)
-    writer.add_value_length(cfg.head_dim)
-    writer.add_rope_freq_base(cfg.rope_base)
+    qwen3_hparams(writer, cfg)
     writer.add_float32(f"{GGUF_ARCH}.rope.freq_base_swa", cfg.rope_local_base)
     writer.add_sliding_window(cfg.sliding_window)
     if cfg.layer_types is not None:

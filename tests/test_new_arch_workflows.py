@@ -84,3 +84,26 @@ def test_classify_finetuning(tmp_path, arch, config):
                         "train.eval_every=2", "train.sample_every=2", "progress=false", f"output_dir={out}"],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+
+
+@pytest.mark.parametrize("arch, config", TINY[1:])
+def test_served_over_the_ollama_api(tmp_path, arch, config):
+    """harness.serve names the family by the registry entry and answers the real `ollama` client
+    with what the model generates in process (greedy), on 127.0.0.1."""
+    ollama = pytest.importorskip("ollama")
+    from harness.serve_process import spawn_server
+    from models.registry import load_lm
+
+    _, folder = checkpoint(tmp_path / config, arch, config)
+    server = spawn_server([f"model={folder}", "host=127.0.0.1", "port=0", f"name={config}"], env=ENV, cwd=ROOT,
+                          timeout=120)
+    try:
+        client = ollama.Client(host=server.url, timeout=60)
+        (m,) = client.list().models
+        assert m.details.family == lookup(arch).family and m.details.format == "safetensors"
+        info = client.show(config).modelinfo
+        assert info[f"{lookup(arch).family}.attention.head_count_kv"] == lookup(arch).configs[config].n_kv_heads
+        reply = client.generate(model=config, prompt=TEXTS[2], raw=True, options={"temperature": 0, "num_predict": 12})
+        assert reply.response == load_lm(str(folder), progress=False).generate([TEXTS[2]], max_new_tokens=12)[0]
+    finally:
+        server.stop()
