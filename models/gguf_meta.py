@@ -13,6 +13,7 @@ read_metadata is the metadata alone (the tokenizer's); read_gguf adds the tensor
 """
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 from dataclasses import dataclass
@@ -150,10 +151,7 @@ def _tensor_table(buf, path: Path, metadata: dict, n_tensors: int, pos: int) -> 
         if name in tensors:
             raise ValueError(f"tensor {name!r} appears twice in its tensor table")
         block, size = GGML_QUANT_SIZES[kind]
-        n = 1
-        for d in dims:
-            n *= d
-        info = TensorInfo(name, tuple(dims), kind, start + offset, n * size // block)
+        info = TensorInfo(name, tuple(dims), kind, start + offset, math.prod(dims) * size // block)
         _layout(info)   # a quantized row that is not whole blocks raises ValueError here
         if info.offset + info.n_bytes > len(buf):
             raise ValueError(f"tensor {name!r}'s data runs past the end of the file")

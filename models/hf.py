@@ -30,8 +30,8 @@ except ImportError:   # the optional [hf] extra: load_hf_lm says how to install 
 from harness.cli import UserError, int_option
 from models.hf_source import DTYPES, HFModelError, check_causal_lm, context_length, resolve_folder, weights_digest
 from models.protocol import cut_at_stop
-from models.requests import (Unit, length_batches, loglikelihood_units, prefix_groups, rolling_units,
-                             scored_positions, split_encoding)
+from models.requests import (Unit, encode_pairs, length_batches, loglikelihood_units, prefix_groups,
+                             rolling_units, scored_positions, split_encoding)
 
 log = logging.getLogger("harness")
 
@@ -104,10 +104,7 @@ class TransformersLM:
 
     # -- scoring ----------------------------------------------------------------------------------
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[float]:
-        pairs = [self._encode_pair(c, x) for c, x in requests]
-        for (_, cont), (_, continuation) in zip(pairs, requests):
-            if not cont:
-                raise UserError(f"continuation {continuation!r} is empty after tokenization")
+        pairs = encode_pairs(self._encode_pair, requests)
         return self._score(loglikelihood_units(pairs, self.max_length), len(requests))
 
     def loglikelihood_rolling(self, texts: Sequence[str], *, max_length: int | None = None,

@@ -15,8 +15,8 @@ from harness.cli import UserError
 from models.decoder import Model
 from models.generate import generate_tokens
 from models.protocol import LM, cut_at_stop  # noqa: F401  (re-exported: older imports name models.lm)
-from models.requests import (Unit, length_batches, loglikelihood_units, move_trailing_space,
-                             prefix_groups, rolling_units, scored_positions)
+from models.requests import (Unit, encode_pairs, length_batches, loglikelihood_units, prefix_groups,
+                             rolling_units, scored_positions, split_encoding)
 
 
 class TorchLM:
@@ -44,7 +44,8 @@ class TorchLM:
         self.prefix_token = tokenizer.bos_id if tokenizer.add_bos and tokenizer.bos_id is not None else tokenizer.eos_id
         # A classifier checkpoint (num_classes > 0) answers classify(); its labels come from config.json.
         self.labels: list[str] | None = list(self.info.get("labels") or []) or None
-        self._stop_ids: list[int] | None = None    # stop_ids(), worked out on first use
+        # EOS, and the vocabulary's end-of-turn token where that is another one (`end_of_turn_ids`)
+        self._stop_ids = [tokenizer.eos_id] + [i for i in end_of_turn_ids(tokenizer) if i != tokenizer.eos_id]
 
     # -- tokenization -----------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -58,9 +59,7 @@ class TorchLM:
     def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         if not context:
             return [self.prefix_token], self.tokenizer.encode(continuation)
-        context, continuation = move_trailing_space(context, continuation)
-        whole, ctx = self.encode(context + continuation), self.encode(context)
-        return ctx, whole[len(ctx):]
+        return split_encoding(self.encode, context, continuation)
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text))
@@ -68,10 +67,7 @@ class TorchLM:
     # -- scoring ----------------------------------------------------------------------------------
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[float]:
         self.require_vocabulary_head()
-        pairs = [self._encode_pair(c, x) for c, x in requests]
-        for (_, cont), (_, continuation) in zip(pairs, requests):
-            if not cont:
-                raise UserError(f"continuation {continuation!r} is empty after tokenization")
+        pairs = encode_pairs(self._encode_pair, requests)
         return self._score(loglikelihood_units(pairs, self.max_length), len(requests))
 
     def loglikelihood_rolling(self, texts: Sequence[str], *, max_length: int | None = None,
@@ -181,12 +177,8 @@ class TorchLM:
         return outputs
 
     def stop_ids(self) -> list[int]:
-        """Token ids that end a generation: EOS, and the vocabulary's end-of-turn token where that is
-        another one (`end_of_turn_ids`)."""
-        if self._stop_ids is None:
-            self._stop_ids = [self.tokenizer.eos_id] + [i for i in end_of_turn_ids(self.tokenizer)
-                                                        if i != self.tokenizer.eos_id]
-        return self._stop_ids
+        """Token ids that end a generation."""
+        return list(self._stop_ids)
 
 
 # Chat templates' end-of-turn markers. llama.cpp (so Ollama) ends a generation at these as at EOS

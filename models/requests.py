@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
+from harness.cli import UserError
+
 
 @dataclass
 class Unit:
@@ -33,6 +35,17 @@ def split_encoding(encode: Callable[[str], list[int]], context: str, continuatio
     context, continuation = move_trailing_space(context, continuation)
     whole, ctx = encode(context + continuation), encode(context)
     return ctx, whole[len(ctx):]
+
+
+def encode_pairs(encode_pair: Callable[[str, str], tuple[list[int], list[int]]],
+                 requests: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """Each (context, continuation) request through a backend's `_encode_pair`; a continuation
+    with no tokens of its own has nothing to score, a UserError naming it."""
+    pairs = [encode_pair(c, x) for c, x in requests]
+    for (_, cont), (_, continuation) in zip(pairs, requests):
+        if not cont:
+            raise UserError(f"continuation {continuation!r} is empty after tokenization")
+    return pairs
 
 
 def loglikelihood_units(pairs: Sequence[tuple[list[int], list[int]]], max_length: int) -> list[Unit]:
