@@ -209,3 +209,43 @@ def test_tools_refusal_depends_on_the_template():
         parse_chat(body, card("{% if tools %}...{% endif %}"), template)
     assert e.value.status == 400 and "does not render tools" in e.value.message
     assert parse_chat(dict(body, tools=[]), card("x"), template).prompt == "user: hi\nassistant:"
+
+
+# ----------------------------------------------------------------------------- the app with a fake engine
+
+class FailingEngine:
+    """Hands out one piece of text, then fails: as a model that breaks mid-generation."""
+
+    class lm:
+        has_chat_template = False
+        chat_prompt = None
+
+    def __init__(self, after: int):
+        self.after = after
+
+    def run(self, job, on_delta, cancelled=lambda: False):
+        for _ in range(self.after):
+            on_delta("piece ")
+        raise RuntimeError("the model broke")
+
+
+@pytest.mark.parametrize("after", [0, 1])
+def test_model_failure_is_500_or_a_last_stream_line(after, caplog):
+    from fastapi.testclient import TestClient
+
+    from harness.serve.app import create_app
+    app = create_app(FailingEngine(after), card("{{ .Prompt }}"))
+    body = {"model": "m", "prompt": "Hi", "raw": True}
+    with TestClient(app) as tc, caplog.at_level("INFO", logger="harness.serve"):
+        r = tc.post("/api/generate", json=dict(body, stream=False))
+        assert r.status_code == 500 and r.json() == {"error": "RuntimeError: the model broke"}
+        r = tc.post("/api/generate", json=body)
+        lines = [json.loads(line) for line in r.text.splitlines()]
+        if after:   # headers were out with the first piece: Ollama's last line carrying the error
+            assert r.status_code == 200 and r.headers["content-type"] == "application/x-ndjson"
+            assert lines == [{"model": "m", "created_at": lines[0]["created_at"], "response": "piece ",
+                              "done": False}, {"error": "RuntimeError: the model broke"}]
+        else:       # nothing went out yet: a plain 500
+            assert r.status_code == 500 and lines == [{"error": "RuntimeError: the model broke"}]
+    logged = [rec.getMessage() for rec in caplog.records if '"POST /api/generate"' in rec.getMessage()]
+    assert len(logged) == 2 and " 500 " in logged[0] and logged[1].split()[3] == ("200" if after else "500")
