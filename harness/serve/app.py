@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import socket
 import threading
@@ -36,7 +37,7 @@ from typing import Any, AsyncIterator, Callable
 
 import uvicorn
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -369,7 +370,6 @@ class Server(uvicorn.Server):
     def handle_exit(self, sig: int, frame) -> None:
         if self.should_exit:   # a second signal: leave now, generations in flight or not
             logging.shutdown()
-            import os
             os._exit(128 + sig)
         self.should_exit = True
         log.info("%s: shutting down", signal.Signals(sig).name)
