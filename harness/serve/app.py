@@ -138,14 +138,22 @@ class Generation:
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.gone = threading.Event()
+        self.why = "the client went away"
         self.watcher: asyncio.Task | None = None
+
+    threads: set[threading.Thread] = set()   # generations still running, for a clean exit
 
     def start(self) -> None:
         self.watcher = asyncio.ensure_future(self._watch())
-        threading.Thread(target=self._work, name="generate", daemon=True).start()
+        thread = threading.Thread(target=self._work, name="generate", daemon=True)
+        Generation.threads.add(thread)
+        thread.start()
 
     def _put(self, item: tuple) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:   # the event loop is closed: the server stopped, nobody waits for this
+            pass
 
     def _on_delta(self, text: str) -> bool:
         if self.job.stream and not self.gone.is_set():
@@ -154,11 +162,17 @@ class Generation:
 
     def _work(self) -> None:
         try:
+            self._run()
+        finally:
+            Generation.threads.discard(threading.current_thread())
+
+    def _run(self) -> None:
+        try:
             self._put(("done", self.engine.run(self.job, self._on_delta, cancelled=self.gone.is_set)))
         except Abandoned as e:
             req = self.request
-            log.info("%s abandoned %s %s: the client went away; generation stopped after %d tokens, %.3fs",
-                     req.client.host if req.client else "-", req.method, req.url.path, e.tokens,
+            log.info("%s abandoned %s %s: %s; generation stopped after %d tokens, %.3fs",
+                     req.client.host if req.client else "-", req.method, req.url.path, self.why, e.tokens,
                      (time.perf_counter_ns() - req.scope["state"]["started_ns"]) / 1e9)
             self._put(("abandoned", e))
         except BaseException as e:   # ApiError (a bad context id), or a failure inside the model
@@ -200,6 +214,12 @@ async def generate(engine, job: Job, request: Request) -> Response:
         kind, value = await gen.next()
         while kind == "gone":   # the engine notices within one step and answers "abandoned"
             kind, value = await gen.next()
+    except asyncio.CancelledError:   # uvicorn's shutdown grace period ran out: stop, answer 503
+        gen.why = "the server is shutting down"
+        gen.finish()
+        log.warning("%s %s still running when the shutdown grace period ran out; stopped",
+                    request.method, request.url.path)
+        return json_response(503, {"error": "server is shutting down"})
     except BaseException:
         gen.finish()
         raise
@@ -376,3 +396,8 @@ class Server(uvicorn.Server):
 
     def run_on(self, sock: socket.socket) -> None:
         self.run(sockets=[sock])
+        # generations cut off by the grace period stop within a decode step: wait for them, as torch
+        # aborts the process when the interpreter exits under a running thread
+        deadline = time.monotonic() + 60
+        for thread in list(Generation.threads):
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
