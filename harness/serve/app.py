@@ -1,10 +1,13 @@
 """The HTTP side of `harness.serve`: a FastAPI app speaking the Ollama REST API, run by uvicorn.
 
-    app = create_app(engine, card)            # a harness.serve.engine.Engine and its ModelCard
     sock = bind("127.0.0.1", 0)               # bound before the (slow) model load
+    app = create_app(engine, card)            # a harness.serve.engine.Engine and its ModelCard
     Server(app, grace_s=30, on_ready=print_ready).run_on(sock)
 
-Routes (add_ollama_routes; other APIs add theirs to the same app): GET/HEAD / ("Ollama is
+An API is a function adding its routes, create_app(engine, card, apis=(add_ollama_routes, ...));
+`endpoint` (errors as JSON), `read_body`, `Generation` (a job on the engine in a thread, stopped when
+the client hangs up) and `RequestLog` are shared by all of them. The Ollama routes
+(add_ollama_routes): GET/HEAD / ("Ollama is
 running"), GET /api/version, GET /api/tags, GET /api/ps, POST /api/show, POST /api/chat,
 POST /api/generate, POST /api/pull (the served model only: status lines, nothing to download);
 /api/push, /api/create, /api/copy, /api/delete and /api/blobs/* answer 501. Request parsing and
@@ -62,20 +65,25 @@ def ndjson(obj: dict) -> bytes:
     return (json.dumps(obj, ensure_ascii=False) + "\n").encode()
 
 
-def endpoint(fn: Callable) -> Callable:
-    """A route whose ApiError becomes {"error": ...} with its status, and any other exception a 500
-    (logged with its traceback), so a client always gets JSON."""
+def ollama_error(status: int, message: str) -> dict:
+    return {"error": message}
+
+
+def endpoint(fn: Callable, error_body: Callable[[int, str], dict] = ollama_error) -> Callable:
+    """A route whose ApiError becomes a JSON error body (Ollama's {"error": ...} unless error_body
+    says otherwise) with its status, and any other exception a 500 (logged with its traceback), so
+    a client always gets JSON."""
     async def route(request: Request) -> Response:
         try:
             return await fn(request)
         except ApiError as e:
-            return json_response(e.status, {"error": e.message})
+            return json_response(e.status, error_body(e.status, e.message))
         except ClientDisconnect:   # gone while sending its body: nobody to answer
             request.state.status = 499
             return Response(status_code=499)
         except Exception as e:
             log.exception("%s %s failed", request.method, request.url.path)
-            return json_response(500, {"error": f"{type(e).__name__}: {e}"})
+            return json_response(500, error_body(500, f"{type(e).__name__}: {e}"))
     route.__name__ = fn.__name__
     return route
 
@@ -317,8 +325,13 @@ def add_ollama_routes(app: FastAPI, engine, card: ModelCard) -> None:
         app.add_api_route(path, endpoint(fn), methods=verbs, include_in_schema=False)
 
 
-def create_app(engine, card: ModelCard) -> FastAPI:
-    """The app with the Ollama routes; other APIs (OpenAI's) add their routes to it the same way."""
+RouteAdder = Callable[[FastAPI, Any, ModelCard], None]
+
+
+def create_app(engine, card: ModelCard, apis: tuple[RouteAdder, ...] = (add_ollama_routes,)) -> FastAPI:
+    """The app serving `engine`: each of `apis` adds its routes (add_ollama_routes; another API, such
+    as OpenAI's, is one more function of the same shape). Unknown paths are 404 and wrong methods 405,
+    with Ollama's {"error": ...} body."""
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.card = engine, card
 
@@ -331,7 +344,8 @@ def create_app(engine, card: ModelCard) -> FastAPI:
             return json_response(405, {"error": f"method {request.method} not allowed on {path}"})
         return json_response(e.status_code, {"error": str(e.detail)})
 
-    add_ollama_routes(app, engine, card)
+    for add_routes in apis:
+        add_routes(app, engine, card)
     app.add_middleware(RequestLog)
     return app
 
