@@ -7,10 +7,10 @@
 An API is a function adding its routes, create_app(engine, card, apis=(add_ollama_routes, ...));
 `endpoint` (errors as JSON), `read_body`, `Generation` (a job on the engine in a thread, stopped when
 the client hangs up) and `RequestLog` are shared by all of them. The Ollama routes
-(add_ollama_routes): GET/HEAD / ("Ollama is
-running"), GET /api/version, GET /api/tags, GET /api/ps, POST /api/show, POST /api/chat,
-POST /api/generate, POST /api/pull (the served model only: status lines, nothing to download);
-/api/push, /api/create, /api/copy, /api/delete and /api/blobs/* answer 501. Request parsing and
+(add_ollama_routes): GET/HEAD / ("Ollama is running"), GET /api/version, GET /api/tags,
+GET /api/ps, POST /api/show, POST /api/chat, POST /api/generate, POST /api/pull (the served model
+only: status lines, nothing to download); /api/push, /api/create, /api/copy, /api/delete and
+/api/blobs/* answer 501. Request parsing and
 answers live in `harness.serve.ollama_api`; the routes here are thin.
 
 HTTP/1.1 with keep-alive (uvicorn, h11); request bodies with Content-Length or chunked. Streamed
