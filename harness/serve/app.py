@@ -106,6 +106,12 @@ async def json_body(request: Request) -> dict:
     return parse_json(await read_body(request))
 
 
+def elapsed_ns(request: Request) -> int:
+    """Nanoseconds since the request arrived (RequestLog notes when)."""
+    now = time.perf_counter_ns()
+    return now - request.scope.get("state", {}).get("started_ns", now)
+
+
 class RequestLog:
     """ASGI middleware: one log line per HTTP request (client, method, path, status, seconds). A
     route may set request.state.status (499: abandoned before any answer went out)."""
@@ -181,7 +187,7 @@ class Generation:
             req = self.request
             log.info("%s abandoned %s %s: %s; generation stopped after %d tokens, %.3fs",
                      req.client.host if req.client else "-", req.method, req.url.path, self.why, e.tokens,
-                     (time.perf_counter_ns() - req.scope["state"]["started_ns"]) / 1e9)
+                     elapsed_ns(req) / 1e9)
             self._put(("abandoned", e))
         except BaseException as e:   # ApiError (a bad context id), or a failure inside the model
             if not isinstance(e, ApiError):
@@ -241,7 +247,7 @@ async def generate(engine, job: Job, request: Request) -> Response:
     if kind == "done":
         gen.finish()
         outcome = value
-        outcome.total_duration = time.perf_counter_ns() - request.scope["state"]["started_ns"]
+        outcome.total_duration = elapsed_ns(request)
         if job.stream:
             return StreamingResponse(iter([ndjson(final(job, outcome, ""))]), media_type=NDJSON)
         return json_response(200, final(job, outcome, outcome.text))
@@ -257,7 +263,7 @@ async def stream_lines(gen: Generation, job: Job, request: Request, first: str) 
             if kind == "delta":
                 yield ndjson(chunk(job, value))
             elif kind == "done":
-                value.total_duration = time.perf_counter_ns() - request.scope["state"]["started_ns"]
+                value.total_duration = elapsed_ns(request)
                 yield ndjson(final(job, value, ""))
                 return
             elif kind == "error":   # headers are out: Ollama's way is a last line carrying the error
