@@ -11,7 +11,8 @@ import socket
 
 import pytest
 
-from harness.serve.ollama_api import ApiError, ChatTemplate, ModelCard, parse_chat, parse_keep_alive
+from harness.serve.ollama_api import (ApiError, ChatTemplate, ModelCard, parse_chat, parse_keep_alive,
+                                      render_go_template)
 
 ollama = pytest.importorskip("ollama")
 
@@ -143,6 +144,21 @@ def test_parse_keep_alive():
         assert e.value.status == 400 and "keep_alive" in e.value.message
 
 
+def test_render_go_template():
+    values = {"System": "", "Prompt": "Hi", "Response": ""}
+    assert render_go_template("{{ .Prompt }}", values) == "Hi"
+    t = "{{- if .System }}[S]{{ .System }}[/S]\n{{ else }}[no system]\n{{- end }}\n[U]{{ .Prompt }}{{/* note */}} [A]"
+    assert render_go_template(t, values) == "[no system]\n[U]Hi [A]"
+    assert render_go_template(t, dict(values, System="Be brief.")) == "[S]Be brief.[/S]\n\n[U]Hi [A]"
+    assert render_go_template("{{ if .Prompt }}{{ if .System }}a{{ else }}b{{ end }}{{ end }}", values) == "b"
+    assert render_go_template("x  {{- .Prompt -}}  y", values) == "xHiy"
+    for bad in ("{{ .Messages }}", "{{ range .Messages }}{{ end }}", "{{ if .Prompt }}x", "{{ end }}",
+                "{{ else }}", "{{ json .Prompt }}"):
+        with pytest.raises(ApiError) as e:
+            render_go_template(bad, values)
+        assert e.value.status == 400 and "template" in e.value.message
+
+
 def test_context_round_trip(client, ollama_server, smollm2_lm):
     first = client.generate(model=ollama_server.model, prompt=Q, options=GREEDY)
     prompt = smollm2_lm.chat_prompt([{"role": "user", "content": Q}])
@@ -176,9 +192,15 @@ def test_template_and_suffix_are_honoured_or_refused(client, ollama_server, smol
     assert client.generate(model=name, prompt=Q, template=own, options=GREEDY).response == templated.response
     plain = client.generate(model=name, prompt="The sky is", template="{{ .Prompt }}", options=GREEDY)
     assert plain.response == client.generate(model=name, prompt="The sky is", raw=True, options=GREEDY).response
+    custom = "{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}<|im_start|>user\n{{ .Prompt }}"
+    r = client.generate(model=name, prompt=Q, template=custom + "<|im_end|>\n<|im_start|>assistant\n",
+                        options=GREEDY)
+    text = f"<|im_start|>user\n{Q}<|im_end|>\n<|im_start|>assistant\n"
+    assert r.response == smollm2_lm.generate([text], max_new_tokens=GREEDY["num_predict"])[0]
+    assert r.prompt_eval_count == len(smollm2_lm.encode(text))
     with pytest.raises(ollama.ResponseError) as e:
-        client.generate(model=name, prompt=Q, template="<|user|>{{ .Prompt }}<|assistant|>")
-    assert e.value.status_code == 400 and "template" in e.value.error
+        client.generate(model=name, prompt=Q, template="{{ range .Messages }}{{ .Content }}{{ end }}")
+    assert e.value.status_code == 400 and "{{ range .Messages }} is not supported" in e.value.error
     with pytest.raises(ollama.ResponseError) as e:
         client.generate(model=name, prompt="def add(a, b):", suffix="    return c")
     assert e.value.status_code == 400 and "does not support insert" in e.value.error

@@ -11,8 +11,9 @@ What a request may carry (everything else is accepted and ignored, as Ollama doe
                  context: token ids of an earlier exchange, decoded and put before the prompt (as
                  Ollama does); the final chunk of a templated (not raw) request carries `context`,
                  the ids of prompt + response, to send back with the next prompt
-                 template: only the model's own template or Ollama's plain "{{ .Prompt }}" (no
-                 template applied), else 400; suffix: a non-empty one is a 400 (no fill-in-the-middle)
+                 template: a Go template in place of the model's (render_go_template: .System,
+                 .Prompt, .Response, if/else/end, comments; anything else is a 400); the model's
+                 own template text means the default; suffix: non-empty is a 400 (no fill-in-the-middle)
   both           keep_alive: a number of seconds or a Go duration ("5m", "0"); with nothing to
                  generate, 0 answers done_reason "unload" (the one model stays loaded all the same);
                  format, think: accepted and ignored; non-empty images: 400
@@ -242,7 +243,58 @@ def _reject_images(images: Any, model: str, where: str = "") -> None:
                             "send text only")
 
 
-PLAIN_TEMPLATE = "{{ .Prompt }}"   # Ollama's template that applies no formatting
+_GO_ACTION = re.compile(r"\{\{(-\s)?\s*(.*?)\s*(\s-)?\}\}", re.S)
+_GO_FIELD = re.compile(r"\.([A-Za-z_]\w*)")
+
+
+def render_go_template(source: str, values: dict[str, str]) -> str:
+    """The part of Go's text/template that Ollama's prompt templates for /api/generate need:
+    {{ .Field }}, {{ if .Field }}...{{ else }}...{{ end }} (nested too), {{/* comments */}} and the
+    {{- -}} whitespace trims. Anything else (range, functions, pipelines) is a 400 naming it."""
+    def unsupported(action: str) -> ApiError:
+        return ApiError(400, f"template: {{{{ {action} }}}} is not supported by harness.serve (only "
+                             f"{', '.join('.' + k for k in values)}, if/else/end and comments); send raw: true "
+                             "with a prompt formatted as you need")
+
+    root: list = []
+    stack = [(root, None)]   # (the list being filled, the if-node it belongs to)
+    pos, trim_next = 0, False
+    for m in _GO_ACTION.finditer(source):
+        text = source[pos:m.start()]
+        text = text.lstrip() if trim_next else text
+        stack[-1][0].append(text.rstrip() if m.group(1) else text)
+        pos, trim_next, action = m.end(), bool(m.group(3)), m.group(2)
+        field_ = _GO_FIELD.fullmatch(action)
+        if action.startswith("/*") and action.endswith("*/"):
+            continue
+        if field_ and field_.group(1) in values:
+            stack[-1][0].append(("field", field_.group(1)))
+        elif action.startswith("if ") and (cond := _GO_FIELD.fullmatch(action[3:].strip())) and cond.group(1) in values:
+            node = ("if", cond.group(1), [], [])
+            stack[-1][0].append(node)
+            stack.append((node[2], node))
+        elif action == "else" and stack[-1][1] is not None and stack[-1][0] is stack[-1][1][2]:
+            stack[-1] = (stack[-1][1][3], stack[-1][1])
+        elif action == "end" and len(stack) > 1:
+            stack.pop()
+        else:
+            raise unsupported(action)
+    if len(stack) > 1:
+        raise ApiError(400, "template: an {{ if }} has no {{ end }}")
+    tail = source[pos:]
+    root.append(tail.lstrip() if trim_next else tail)
+
+    def render(nodes: list) -> str:
+        out = []
+        for n in nodes:
+            if isinstance(n, str):
+                out.append(n)
+            elif n[0] == "field":
+                out.append(values[n[1]])
+            else:
+                out.append(render(n[2] if values[n[1]] else n[3]))
+        return "".join(out)
+    return render(root)
 
 
 def _context(v: Any) -> tuple[int, ...]:
@@ -264,16 +316,16 @@ def parse_generate(body: dict, card: ModelCard, template: ChatTemplate) -> Job:
         raise ApiError(400, f"{model} does not support insert (suffix): harness.serve has no "
                             "fill-in-the-middle; send the text before the gap as the prompt")
     custom = _get(body, "template", (str,), "")
-    if custom and custom.strip() not in (card.template.strip(), PLAIN_TEMPLATE):
-        raise ApiError(400, "template: harness.serve applies only the model's own chat template or "
-                            f'"{PLAIN_TEMPLATE}" (none); send raw: true with a prompt formatted as you need')
-    raw = raw or custom.strip() == PLAIN_TEMPLATE != card.template.strip()
+    if custom.strip() == card.template.strip():
+        custom = ""   # the model's own: the default path
     context = _context(body.get("context"))
     _reject_images(body.get("images"), model)
+    if custom and not raw:   # checked even for an empty prompt, as a bad field always is
+        rendered = render_go_template(custom, {"System": system, "Prompt": prompt, "Response": ""})
     if not prompt:
         return Job("generate", model, None, stream, sampling, unload=unload)
     if not raw:
-        prompt = template.generate(prompt, system)
+        prompt = rendered if custom else template.generate(prompt, system)
     return Job("generate", model, prompt, stream, sampling, context=context, want_context=not raw)
 
 
