@@ -7,7 +7,8 @@ as text deltas through `generate_tokens`' per-token callback; and the served mod
     # stops the generation and raises Abandoned: the client went away
 
 A request's text equals `TorchLM.generate` on the same prompt and options: same encoding, same
-sampler, same stop-string cut.
+sampler, same stop-string cut. A job's `context` (token ids of an earlier exchange) is decoded and
+put before its prompt; with `want_context` the outcome carries the ids of prompt + response.
 """
 from __future__ import annotations
 
