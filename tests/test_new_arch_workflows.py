@@ -102,7 +102,7 @@ def test_served_over_the_ollama_api(tmp_path, arch, config):
         (m,) = client.list().models
         assert m.details.family == lookup(arch).family and m.details.format == "safetensors"
         info = client.show(config).modelinfo
-        assert info[f"{lookup(arch).family}.attention.head_count_kv"] == lookup(arch).configs[config].n_kv_heads
+        assert info[f"{lookup(arch).family}.attention.head_count_kv"] == lookup(arch).configs[config]["n_kv_heads"]
         reply = client.generate(model=config, prompt=TEXTS[2], raw=True, options={"temperature": 0, "num_predict": 12})
         assert reply.response == load_lm(str(folder), progress=False).generate([TEXTS[2]], max_new_tokens=12)[0]
     finally:
