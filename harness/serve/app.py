@@ -7,11 +7,11 @@
 An API is a function adding its routes, create_app(engine, card, apis=(add_ollama_routes, ...));
 `endpoint` (errors as JSON), `read_body`, `Generation` (a job on the engine in a thread, stopped when
 the client hangs up) and `RequestLog` are shared by all of them. The Ollama routes
-(add_ollama_routes): GET/HEAD / ("Ollama is running"), GET /api/version, GET /api/tags,
-GET /api/ps, POST /api/show, POST /api/chat, POST /api/generate, POST /api/pull (the served model
-only: status lines, nothing to download); /api/push, /api/create, /api/copy, /api/delete and
-/api/blobs/* answer 501. Request parsing and
-answers live in `harness.serve.ollama_api`; the routes here are thin.
+(add_ollama_routes): GET / ("Ollama is running"), GET /api/version, GET /api/tags, GET /api/ps
+(HEAD too on each), POST /api/show, POST /api/chat, POST /api/generate, POST /api/pull (the served
+model only: status lines, nothing to download); /api/push, /api/create, /api/copy, /api/delete and
+/api/blobs/* answer 501. Request parsing and answers live in `harness.serve.ollama_api`; the
+routes here are thin.
 
 HTTP/1.1 with keep-alive (uvicorn, h11); request bodies with Content-Length or chunked. Streamed
 answers are NDJSON, one line per chunk, never a blank line. Errors are JSON {"error": ...}: 400 bad
@@ -320,15 +320,15 @@ def add_ollama_routes(app: FastAPI, engine, card: ModelCard) -> None:
         await read_body(request)
         raise not_supported(request.url.path, card)
 
-    routes = [("/", root, ["GET", "HEAD"]), ("/api/version", version, ["GET"]), ("/api/tags", tags, ["GET"]),
+    routes = [("/", root, ["GET"]), ("/api/version", version, ["GET"]), ("/api/tags", tags, ["GET"]),
               ("/api/ps", ps, ["GET"]), ("/api/show", show, ["POST"]), ("/api/chat", chat, ["POST"]),
               ("/api/generate", generate_, ["POST"]), ("/api/pull", pull, ["POST"])]
     methods = {"/api/push": ["POST"], "/api/create": ["POST"], "/api/copy": ["POST"], "/api/delete": ["DELETE"],
                "/api/blobs": ["HEAD", "POST"]}
     for path in UNSUPPORTED:
         routes.append((path + "/{digest}" if path == "/api/blobs" else path, unsupported, methods[path]))
-    for path, fn, verbs in routes:
-        app.add_api_route(path, endpoint(fn), methods=verbs, include_in_schema=False)
+    for path, fn, verbs in routes:   # HEAD wherever GET (headers only)
+        app.add_api_route(path, endpoint(fn), methods=verbs + ["HEAD"] * ("GET" in verbs), include_in_schema=False)
 
 
 RouteAdder = Callable[[FastAPI, Any, ModelCard], None]
