@@ -271,3 +271,81 @@ def test_model_failure_is_500_or_a_last_stream_line(after, caplog):
             assert r.status_code == 500 and lines == [{"error": "RuntimeError: the model broke"}]
     logged = [rec.getMessage() for rec in caplog.records if '"POST /api/generate"' in rec.getMessage()]
     assert len(logged) == 2 and " 500 " in logged[0] and logged[1].split()[3] == ("200" if after else "500")
+
+
+# ----------------------------------------------------------------------------- hang-ups and shutdown
+
+COUNTING = "Count from 1 to 1000: 1, 2, 3,"
+LONG = {"temperature": 0, "num_predict": 3000}
+
+
+def long_request(server, stream: bool = False) -> bytes:
+    body = json.dumps({"model": server.model, "prompt": COUNTING, "raw": True, "stream": stream,
+                       "options": LONG}).encode()
+    return b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
+def test_half_closed_connection_counts_as_gone(ollama_server):
+    """A client that shuts down its sending side is gone (Go's net/http, Ollama's, cancels on EOF)."""
+    import time
+    before = ollama_server.log.read_text().count(" abandoned POST ")
+    with socket.create_connection(address(ollama_server), timeout=60) as s:
+        s.sendall(long_request(ollama_server))
+        time.sleep(1.0)
+        s.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + 30
+        while ollama_server.log.read_text().count(" abandoned POST ") == before and time.monotonic() < deadline:
+            time.sleep(0.05)
+    lines = [x for x in ollama_server.log.read_text().splitlines() if " abandoned POST " in x][before:]
+    assert len(lines) == 1 and "the client went away" in lines[0], lines
+
+
+def spawned(tmp_path, *args):
+    import os
+    from pathlib import Path
+
+    from harness.serve.process import spawn_server
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    err = open(tmp_path / "stderr.log", "w")
+    return spawn_server(["host=127.0.0.1", "port=0", *args], env=env, cwd=root, stderr=err, timeout=120), err
+
+
+def test_generation_past_the_shutdown_grace_is_stopped_and_answered_503(tmp_path, smollm2_path):
+    import signal
+    import time
+    server, err = spawned(tmp_path, "model=smollm2-135m-instruct", "shutdown_grace_s=1")
+    try:
+        with socket.create_connection(address(server), timeout=60) as s:
+            s.sendall(long_request(server))
+            time.sleep(1.0)
+            t = time.monotonic()
+            server.process.send_signal(signal.SIGTERM)
+            reply = s.makefile("rb").read()
+        assert reply.startswith(b"HTTP/1.1 503") and reply.endswith(b'{"error": "server is shutting down"}'), reply
+        assert server.process.wait(timeout=30) == 0 and time.monotonic() - t < 15
+    finally:
+        server.stop()
+        err.close()
+    log = (tmp_path / "stderr.log").read_text()
+    assert "SIGTERM: shutting down" in log and "abandoned POST /api/generate: the server is shutting down" in log
+
+
+def test_second_signal_exits_at_once(tmp_path):
+    import signal
+    import time
+    server, err = spawned(tmp_path, "model=gpt-tiny", "name=tiny")
+    try:
+        with socket.create_connection(address(server), timeout=60) as s:
+            body = json.dumps({"model": "tiny", "prompt": "Hi", "raw": True, "stream": False,
+                               "options": {"num_predict": 5000, "seed": 1}}).encode()
+            s.sendall(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            time.sleep(0.5)
+            server.process.send_signal(signal.SIGTERM)   # would wait for the generation
+            time.sleep(0.3)
+            t = time.monotonic()
+            server.process.send_signal(signal.SIGTERM)
+            assert server.process.wait(timeout=10) == 128 + signal.SIGTERM and time.monotonic() - t < 5
+    finally:
+        server.stop()
+        err.close()
