@@ -35,7 +35,7 @@ from common import write_summary  # noqa: E402  (bench/ is the script's folder, 
 
 import ollama  # noqa: E402
 
-from harness.serve_process import ServedProcess, ServerStartError, spawn_server  # noqa: E402
+from harness.serve.process import ServedProcess, ServerStartError, spawn_server  # noqa: E402
 from models.registry import load_lm  # noqa: E402
 
 STORY = "Write a long story about a robot who learns to paint."

@@ -125,7 +125,7 @@ def eval_argv(model: str, task: str, args, cfg: DictConfig, out: Path, judge: tu
 @contextmanager
 def local_judge(model: str):
     """Serve `model` with harness.serve on a free loopback port; yields (url, served name)."""
-    from harness.serve_process import ServerStartError, spawn_server
+    from harness.serve.process import ServerStartError, spawn_server
     try:
         server = spawn_server([f"model={model}", "host=127.0.0.1", "port=0"])
     except ServerStartError as e:

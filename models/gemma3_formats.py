@@ -203,7 +203,7 @@ def gguf_hparams(writer, cfg: Gemma3Config) -> None:
 
 
 def model_info(cfg: Gemma3Config) -> dict:
-    """Ollama's model_info keys beyond the common ones (harness/serve_engine.py), unprefixed."""
+    """Ollama's model_info keys beyond the common ones (harness/serve/engine.py), unprefixed."""
     return {"attention.head_count_kv": cfg.n_kv_heads, "attention.key_length": cfg.head_dim,
             "attention.sliding_window": cfg.sliding_window, "feed_forward_length": cfg.d_ff,
             "rope.freq_base": cfg.rope_base}

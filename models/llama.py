@@ -333,5 +333,5 @@ def gguf_tensors(cfg: LlamaConfig, s: dict[str, torch.Tensor]) -> Iterator[tuple
 
 
 def model_info(cfg: LlamaConfig) -> dict:
-    """Ollama's model_info keys beyond the common ones (harness/serve_engine.py), unprefixed."""
+    """Ollama's model_info keys beyond the common ones (harness/serve/engine.py), unprefixed."""
     return {"attention.head_count_kv": cfg.n_kv_heads, "feed_forward_length": cfg.d_ff, "rope.freq_base": cfg.rope_base}

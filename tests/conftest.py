@@ -50,7 +50,7 @@ def ollama_server(smollm2_path, tmp_path_factory):
     served name); `.log` is the server's stderr (request log). Terminated at the end."""
     from types import SimpleNamespace
 
-    from harness.serve_process import ServerStartError, spawn_server
+    from harness.serve.process import ServerStartError, spawn_server
 
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, HARNESS_MODELS=str(models_dir()), HARNESS_DATA=str(data_dir()),

@@ -91,7 +91,7 @@ def test_served_over_the_ollama_api(tmp_path, arch, config):
     """harness.serve names the family by the registry entry and answers the real `ollama` client
     with what the model generates in process (greedy), on 127.0.0.1."""
     ollama = pytest.importorskip("ollama")
-    from harness.serve_process import spawn_server
+    from harness.serve.process import spawn_server
     from models.registry import load_lm
 
     _, folder = checkpoint(tmp_path / config, arch, config)

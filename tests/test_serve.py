@@ -340,7 +340,7 @@ def test_cli_serves_a_checkpoint_folder_and_stops_gracefully_on_sigterm(tmp_path
 # ----------------------------------------------------------------------------- incremental detokenization
 
 def test_stream_decoder_deltas_concatenate_to_the_final_text():
-    from harness.serve_engine import StreamDecoder
+    from harness.serve.engine import StreamDecoder
     from models.tokenizer import gpt2_tokenizer
     tok = gpt2_tokenizer()
     text = "Café ☕ — 日本語のテキスト END of story END again"
@@ -367,7 +367,7 @@ def test_is_loopback():
 
 
 def test_parse_sampling_defaults_and_edges():
-    from harness.ollama_api import ApiError, Sampling, parse_sampling
+    from harness.serve.ollama_api import ApiError, Sampling, parse_sampling
     assert parse_sampling(None) == Sampling(temperature=0.8, top_k=40, top_p=0.9, seed=None, num_predict=-1)
     s = parse_sampling({"temperature": 1e-9, "seed": -1, "stop": "###", "num_ctx": 512, "mirostat": 2})
     assert s.temperature == 0 and s.seed is None and s.stop == ("###",) and s.num_ctx == 512

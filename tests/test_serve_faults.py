@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from harness.ollama_api import ApiError, parse_sampling
+from harness.serve.ollama_api import ApiError, parse_sampling
 
 ollama = pytest.importorskip("ollama")
 httpx = pytest.importorskip("httpx")
@@ -222,7 +222,7 @@ def test_bad_options_over_http_are_400(ollama_server):
 def test_lone_surrogate_escapes_become_replacement_characters(ollama_server):
     """JSON may escape half a surrogate pair; Go's decoder (Ollama's) reads it as U+FFFD, Python keeps
     a str the tokenizer rejects (it was a 500). Valid pairs and escaped backslashes stay as they are."""
-    from harness.ollama_api import parse_json
+    from harness.serve.ollama_api import parse_json
     body = parse_json(rb'{"a": "x\ud800y", "b": ["\uDFFF", "\ud83d\ude00", "\\ud800"]}')
     assert body == {"a": "x\ufffdy", "b": ["\ufffd", "\U0001f600", "\\ud800"]}
     for path, extra in (("/api/generate", b'"prompt": "Hi \\ud800 there"'),

@@ -7,11 +7,13 @@ the project's own models:
     GET /, HEAD /      "Ollama is running"
     POST /api/chat     POST /api/generate     (stream: NDJSON lines, or one object with stream false)
     GET /api/tags      POST /api/show     GET /api/ps     GET /api/version
+    POST /api/pull     (the served model only: nothing to download)
+    /api/push, /api/create, /api/copy, /api/delete, /api/blobs/*: 501, one fixed model is served
 
 The model answers to its served name (default: the registry name, or the folder / file stem) and to
-"<name>:latest". Requests are parsed by `harness.ollama_api` (defaults, ignored fields and the chat
-template fallback are documented there), answered by `harness.ollama_http` and generated one at a
-time by `harness.serve_engine`.
+"<name>:latest". Requests are parsed by `harness.serve.ollama_api` (defaults, ignored fields and the
+chat template fallback are documented there), answered by `harness.serve.app` (FastAPI on uvicorn)
+and generated one at a time by `harness.serve.engine`.
 Once listening, one line `serving <name> on http://HOST:PORT` goes to stdout (port=0 picks a free
 port); request logs go to stderr through `logging`. The API has no authentication: any host other
 than a loopback address logs a warning. SIGTERM/SIGINT stop accepting, let requests in flight
@@ -22,43 +24,25 @@ prints one `error:` line on stderr and exits with status 2.
 """
 from __future__ import annotations
 
-import ipaddress
 import logging
-import signal
+import socket
 import sys
-import threading
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from harness.cli import UserError, exit_after, int_option, run_cli
 from harness.config import rewrite_argv
-from harness.ollama_http import OllamaServer
+from harness.serve import is_loopback, served_name
 
 log = logging.getLogger("harness.serve")
 
 
-def is_loopback(host: str) -> bool:
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:   # a host name: only "localhost" is known to stay on this machine
-        return False
-
-
-def served_name(cfg: DictConfig) -> str:
-    from models.registry import MODELS
-    if cfg.name:
-        return str(cfg.name)
-    source = str(cfg.model.name)
-    path = Path(source).expanduser()
-    return source if source in MODELS else path.stem if path.is_file() else path.name
-
-
-def start(cfg: DictConfig) -> OllamaServer:
-    """Load the model and bind the socket; bad input raises UserError."""
+def start(cfg: DictConfig) -> tuple[socket.socket, object, object]:
+    """Bind the socket, then load the model; bad input raises UserError. (socket, app, card)."""
     from harness.config import instantiate
-    from harness.serve_engine import Engine, describe_model
+    from harness.serve.app import bind, create_app
+    from harness.serve.engine import Engine, describe_model
     port = int_option(cfg.port, "port", minimum=0)
     if port > 65535:
         raise UserError(f"port={port}: expected 0..65535 (0 picks a free port)")
@@ -71,47 +55,32 @@ def start(cfg: DictConfig) -> OllamaServer:
                         "python -m harness only: serve a checkpoint folder, .gguf file or registry name")
     host = str(cfg.host)
     try:
-        server = OllamaServer((host, port))
+        sock = bind(host, port)
     except OSError as e:
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}; choose another port= "
                         "(port=0 picks a free one)") from None
     lm = instantiate(cfg.model, "model")   # unwraps Hydra's InstantiationException
     lm.require_vocabulary_head()   # a classifier checkpoint cannot generate text
     card = describe_model(lm, str(cfg.model.name), name, num_ctx)
-    server.serve_model(Engine(lm, num_ctx), card)
+    app = create_app(Engine(lm, num_ctx), card)
     if not is_loopback(host):
         log.warning("listening on %s: the API has no authentication; anyone who can reach this "
                     "address can use the model", host)
-    return server
+    return sock, app, card
 
 
-def serve_until_signal(server: OllamaServer, grace_s: float) -> None:
-    stopping = threading.Event()
-
-    def on_signal(signum, _frame):
-        if stopping.is_set():
-            raise SystemExit(128 + signum)   # a second signal: leave now
-        stopping.set()
-        log.info("%s: shutting down", signal.Signals(signum).name)
-        threading.Thread(target=server.shutdown, daemon=True).start()   # not from serve_forever's thread
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
-    server.serve_forever(poll_interval=0.2)
-    if not server.drain(grace_s):
-        log.warning("requests still running after %.0fs; exiting anyway", grace_s)
-    server.server_close()
-
-
-@hydra.main(version_base="1.3", config_path="../conf", config_name="serve")
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="serve")
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=str(cfg.log_level).upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def job() -> None:
-        server = start(cfg)
-        print(f"serving {server.card.name} on {server.url}", flush=True)
-        serve_until_signal(server, float(cfg.shutdown_grace_s))
+        from harness.serve.app import Server, url_of
+        sock, app, card = start(cfg)
+        url = url_of(sock)
+        server = Server(app, float(cfg.shutdown_grace_s),
+                        on_ready=lambda: print(f"serving {card.name} on {url}", flush=True))
+        server.run_on(sock)
 
     run_cli(job, interrupted="interrupted while loading the model")
 

@@ -1,11 +1,22 @@
 """The Ollama REST API as data: request bodies -> validated `Job`s, the served model's metadata
-(`ModelCard`: /api/tags, /api/show, /api/ps) and the response objects. No HTTP and no torch here;
-`harness.serve` does the I/O and the generation.
+(`ModelCard`: /api/tags, /api/show, /api/ps), the model-management answers (/api/pull and the 501s)
+and the response objects. No HTTP and no torch here: `harness.serve.app` does the I/O and
+`harness.serve.engine` the generation.
 
 What a request may carry (everything else is accepted and ignored, as Ollama does):
-  /api/chat      model, messages [{role, content, images}], stream (default true), options
-  /api/generate  model, prompt, system, raw, stream, options   (suffix, template, context ignored)
-  both           tools, keep_alive, format, think: accepted and ignored; non-empty images: 400
+  /api/chat      model, messages [{role, content, images}], stream (default true), options,
+                 tools: a non-empty list is a 400 "<model> does not support tools" when the chat
+                 template has no tool support, and a 400 too when it has (tools are not rendered yet)
+  /api/generate  model, prompt, system, raw, stream, options,
+                 context: token ids of an earlier exchange, decoded and put before the prompt (as
+                 Ollama does); the final chunk of a templated (not raw) request carries `context`,
+                 the ids of prompt + response, to send back with the next prompt
+                 template: a Go template in place of the model's (render_go_template: .System,
+                 .Prompt, .Response, if/else/end, comments; anything else is a 400); the model's
+                 own template text means the default; suffix: non-empty is a 400 (no fill-in-the-middle)
+  both           keep_alive: a number of seconds or a Go duration ("5m", "0"); with nothing to
+                 generate, 0 answers done_reason "unload" (the one model stays loaded all the same);
+                 format, think: accepted and ignored; non-empty images: 400
   options        temperature 0.8, top_k 40, top_p 0.9, seed (random when absent or < 0),
                  num_predict -1 (until EOS or the context is full), stop [], num_ctx
 Numbers must be finite; seed, top_k, num_predict and num_ctx (>= 1) are integers within Go's int64,
@@ -69,6 +80,9 @@ class Job:
     prompt: str | None             # the text the model continues; None: empty request ("load")
     stream: bool
     sampling: Sampling = field(default_factory=Sampling)
+    context: tuple[int, ...] = ()  # /api/generate: token ids of an earlier exchange, before the prompt
+    want_context: bool = False     # /api/generate without raw: the final chunk carries `context`
+    unload: bool = False           # keep_alive 0: a request with nothing to generate answers "unload"
 
 
 def parse_json(raw: bytes) -> dict:
@@ -187,14 +201,38 @@ def parse_sampling(options: Any) -> Sampling:
                     num_ctx=num_ctx)
 
 
-def _common(body: dict, card: ModelCard) -> tuple[str, bool, Sampling]:
+_DURATION = re.compile(r"[-+]?(?:(?:\d+\.?\d*|\.\d+)(?:ns|us|µs|μs|ms|s|m|h))+")
+_UNIT_NS = {"ns": 1, "us": 1e3, "µs": 1e3, "μs": 1e3, "ms": 1e6, "s": 1e9, "m": 60e9, "h": 3600e9}
+
+
+def parse_keep_alive(v: Any) -> float | None:
+    """keep_alive in seconds (None: absent; negative: forever), read as Ollama reads it: a JSON number
+    is seconds, a string is a Go duration ("5m", "1h30m", "0")."""
+    if v is None:
+        return None
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return _float({"keep_alive": v}, "keep_alive", 0.0, where="")
+    if not isinstance(v, str):
+        raise ApiError(400, f"keep_alive must be a number of seconds or a duration string, got {_shown(v)}")
+    if v in ("0", "+0", "-0"):
+        return 0.0
+    if not _DURATION.fullmatch(v):
+        raise ApiError(400, f'keep_alive: invalid duration {json.dumps(v)} (expected e.g. "5m", "30s", "0")')
+    ns = sum(float(n) * _UNIT_NS[u] for n, u in re.findall(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)", v))
+    return -ns / 1e9 if v.startswith("-") else ns / 1e9
+
+
+def _common(body: dict, card: ModelCard) -> tuple[str, bool, Sampling, bool]:
+    """(model as spelled, stream, sampling, keep_alive is 0)."""
     model = _get(body, "model", (str,), "")
     if not model:
         raise ApiError(400, "model is required")
     if not card.matches(model):
         raise ApiError(404, f"model '{model}' not found")
-    # keep_alive, format, think and tools are accepted and ignored: one model stays loaded, text only
-    return model, _get(body, "stream", (bool,), True), parse_sampling(body.get("options"))
+    # format and think are accepted and ignored: text only; keep_alive 0 only changes the empty
+    # request's answer, the one model stays loaded
+    unload = parse_keep_alive(body.get("keep_alive")) == 0
+    return model, _get(body, "stream", (bool,), True), parse_sampling(body.get("options")), unload
 
 
 def _reject_images(images: Any, model: str, where: str = "") -> None:
@@ -205,22 +243,100 @@ def _reject_images(images: Any, model: str, where: str = "") -> None:
                             "send text only")
 
 
+_GO_ACTION = re.compile(r"\{\{(-\s)?\s*(.*?)\s*(\s-)?\}\}", re.S)
+_GO_FIELD = re.compile(r"\.([A-Za-z_]\w*)")
+
+
+def render_go_template(source: str, values: dict[str, str]) -> str:
+    """The part of Go's text/template that Ollama's prompt templates for /api/generate need:
+    {{ .Field }}, {{ if .Field }}...{{ else }}...{{ end }} (nested too), {{/* comments */}} and the
+    {{- -}} whitespace trims. Anything else (range, functions, pipelines) is a 400 naming it."""
+    def unsupported(action: str) -> ApiError:
+        return ApiError(400, f"template: {{{{ {action} }}}} is not supported by harness.serve (only "
+                             f"{', '.join('.' + k for k in values)}, if/else/end and comments); send raw: true "
+                             "with a prompt formatted as you need")
+
+    root: list = []
+    stack = [(root, None)]   # (the list being filled, the if-node it belongs to)
+    pos, trim_next = 0, False
+    for m in _GO_ACTION.finditer(source):
+        text = source[pos:m.start()]
+        text = text.lstrip() if trim_next else text
+        stack[-1][0].append(text.rstrip() if m.group(1) else text)
+        pos, trim_next, action = m.end(), bool(m.group(3)), m.group(2)
+        field_ = _GO_FIELD.fullmatch(action)
+        if action.startswith("/*") and action.endswith("*/"):
+            continue
+        if field_ and field_.group(1) in values:
+            stack[-1][0].append(("field", field_.group(1)))
+        elif action.startswith("if ") and (cond := _GO_FIELD.fullmatch(action[3:].strip())) and cond.group(1) in values:
+            node = ("if", cond.group(1), [], [])
+            stack[-1][0].append(node)
+            stack.append((node[2], node))
+        elif action == "else" and stack[-1][1] is not None and stack[-1][0] is stack[-1][1][2]:
+            stack[-1] = (stack[-1][1][3], stack[-1][1])
+        elif action == "end" and len(stack) > 1:
+            stack.pop()
+        else:
+            raise unsupported(action)
+    if len(stack) > 1:
+        raise ApiError(400, "template: an {{ if }} has no {{ end }}")
+    tail = source[pos:]
+    root.append(tail.lstrip() if trim_next else tail)
+
+    def render(nodes: list) -> str:
+        out = []
+        for n in nodes:
+            if isinstance(n, str):
+                out.append(n)
+            elif n[0] == "field":
+                out.append(values[n[1]])
+            else:
+                out.append(render(n[2] if values[n[1]] else n[3]))
+        return "".join(out)
+    return render(root)
+
+
+def _context(v: Any) -> tuple[int, ...]:
+    v = _typed(v, "context", (list,), [])
+    for i, t in enumerate(v):
+        if isinstance(t, float) and t.is_integer():
+            t = int(t)
+        if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+            raise ApiError(400, f"context[{i}] must be a token id (an integer >= 0), got {_shown(v[i])}")
+    return tuple(int(t) for t in v)
+
+
 def parse_generate(body: dict, card: ModelCard, template: ChatTemplate) -> Job:
-    model, stream, sampling = _common(body, card)
+    model, stream, sampling, unload = _common(body, card)
     prompt = _get(body, "prompt", (str,), "")
     system = _get(body, "system", (str,), "")
     raw = _get(body, "raw", (bool,), False)
-    _get(body, "suffix", (str,))                                  # type-checked, then ignored
+    if _get(body, "suffix", (str,), ""):
+        raise ApiError(400, f"{model} does not support insert (suffix): harness.serve has no "
+                            "fill-in-the-middle; send the text before the gap as the prompt")
+    custom = _get(body, "template", (str,), "")
+    if custom.strip() == card.template.strip():
+        custom = ""   # the model's own: the default path
+    context = _context(body.get("context"))
     _reject_images(body.get("images"), model)
+    if custom and not raw:   # checked even for an empty prompt, as a bad field always is
+        rendered = render_go_template(custom, {"System": system, "Prompt": prompt, "Response": ""})
     if not prompt:
-        return Job("generate", model, None, stream, sampling)
+        return Job("generate", model, None, stream, sampling, unload=unload)
     if not raw:
-        prompt = template.generate(prompt, system)
-    return Job("generate", model, prompt, stream, sampling)
+        prompt = rendered if custom else template.generate(prompt, system)
+    return Job("generate", model, prompt, stream, sampling, context=context, want_context=not raw)
 
 
 def parse_chat(body: dict, card: ModelCard, template: ChatTemplate) -> Job:
-    model, stream, sampling = _common(body, card)
+    model, stream, sampling, unload = _common(body, card)
+    tools = _get(body, "tools", (list,), [])
+    if tools:
+        if not card.supports_tools:
+            raise ApiError(400, f"{model} does not support tools")
+        raise ApiError(400, f"{model}: harness.serve does not render tools into the chat template yet; "
+                            "send the request without tools")
     messages = _get(body, "messages", (list,), [])
     clean = []
     for i, m in enumerate(messages):
@@ -233,7 +349,7 @@ def parse_chat(body: dict, card: ModelCard, template: ChatTemplate) -> Job:
         _reject_images(m.get("images"), model, where)
         clean.append({"role": role, "content": _get(m, "content", (str,), "", where)})
     if not clean:
-        return Job("chat", model, None, stream, sampling)
+        return Job("chat", model, None, stream, sampling, unload=unload)
     return Job("chat", model, template.chat(clean), stream, sampling)
 
 
@@ -261,7 +377,7 @@ class ChatTemplate:
 
 @dataclass
 class ModelCard:
-    """What the API says about the one served model (built by harness.serve.describe_model)."""
+    """What the API says about the one served model (built by harness.serve.engine.describe_model)."""
     name: str                      # "x" is served as "x:latest" and answers to both
     digest: str                    # sha256 hex of the weights file(s): stable per weights
     size: int                      # bytes of the weights on disk
@@ -274,6 +390,11 @@ class ModelCard:
     size_vram: int = 0
     expires_at: str = field(default_factory=lambda: (datetime.now(timezone.utc) + timedelta(days=36500))
                             .isoformat().replace("+00:00", "Z"))   # never unloaded
+
+    @property
+    def supports_tools(self) -> bool:
+        """Ollama's test: the chat template mentions tools."""
+        return "tools" in self.template
 
     @property
     def tag(self) -> str:
@@ -292,7 +413,8 @@ class ModelCard:
         source = self.model_info.get("harness.source", self.name)
         return {"modelfile": f"# served by harness.serve\nFROM {source}\n",
                 "parameters": self.parameters, "template": self.template, "details": self.details,
-                "model_info": self.model_info, "modified_at": self.modified_at, "capabilities": ["completion"]}
+                "model_info": self.model_info, "modified_at": self.modified_at,
+                "capabilities": ["completion"] + (["tools"] if self.supports_tools else [])}
 
     def ps(self) -> dict:
         return {"models": [{"name": self.tag, "model": self.tag, "size": self.size, "digest": self.digest,
@@ -313,6 +435,7 @@ class Outcome:
     prompt_eval_duration: int      # prefill and the first token
     eval_duration: int             # every later token
     total_duration: int = 0
+    context: list[int] | None = None   # token ids of prompt + response (Job.want_context)
 
 
 def chunk(job: Job, text: str, done: bool = False) -> dict:
@@ -331,9 +454,43 @@ def final(job: Job, outcome: Outcome, text: str) -> dict:
             "total_duration": outcome.total_duration, "load_duration": outcome.load_duration,
             "prompt_eval_count": outcome.prompt_eval_count,
             "prompt_eval_duration": outcome.prompt_eval_duration,
-            "eval_count": outcome.eval_count, "eval_duration": outcome.eval_duration}
+            "eval_count": outcome.eval_count, "eval_duration": outcome.eval_duration,
+            **({"context": outcome.context} if outcome.context is not None else {})}
 
 
 def loaded(job: Job) -> dict:
-    """Ollama's answer to a request with nothing to generate: the model is (already) loaded."""
-    return {**chunk(job, "", done=True), "done_reason": "load"}
+    """Ollama's answer to a request with nothing to generate: the model is (already) loaded, or with
+    keep_alive 0 "unload" (harness.serve keeps its one model all the same)."""
+    return {**chunk(job, "", done=True), "done_reason": "unload" if job.unload else "load"}
+
+
+# ----------------------------------------------------------------------------- model management
+
+def parse_pull(body: dict, card: ModelCard) -> tuple[str, bool]:
+    """(the name, stream) of a pull of the served model; any other name is a 404."""
+    model = body.get("model") or body.get("name")   # older clients send "name"
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "model is required (a string)")
+    if not card.matches(model):
+        raise ApiError(404, f"model '{model}' not found: harness.serve serves only '{card.tag}' "
+                            "and cannot pull other models")
+    return model, _get(body, "stream", (bool,), True)
+
+
+def pull_progress(card: ModelCard) -> list[dict]:
+    """Ollama's pull status lines for a model that is already here: nothing to download."""
+    return [{"status": "pulling manifest"},
+            {"status": f"pulling {card.digest[:12]}", "digest": f"sha256:{card.digest}",
+             "total": card.size, "completed": card.size},
+            {"status": "verifying sha256 digest"}, {"status": "writing manifest"}, {"status": "success"}]
+
+
+UNSUPPORTED = {"/api/push": "push", "/api/create": "create", "/api/copy": "copy", "/api/delete": "delete",
+               "/api/blobs": "blob upload"}
+
+
+def not_supported(path: str, card: ModelCard) -> ApiError:
+    """501 for Ollama's model management: harness.serve serves one fixed model."""
+    what = next((w for p, w in UNSUPPORTED.items() if path == p or path.startswith(p + "/")), path)
+    return ApiError(501, f"{path}: model {what} is not supported; harness.serve serves one fixed model "
+                         f"('{card.tag}') and manages no others")

@@ -7,7 +7,8 @@ as text deltas through `generate_tokens`' per-token callback; and the served mod
     # stops the generation and raises Abandoned: the client went away
 
 A request's text equals `TorchLM.generate` on the same prompt and options: same encoding, same
-sampler, same stop-string cut.
+sampler, same stop-string cut. A job's `context` (token ids of an earlier exchange) is decoded and
+put before its prompt; with `want_context` the outcome carries the ids of prompt + response.
 """
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from harness.ollama_api import (DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, Abandoned, Job, ModelCard,
-                                Outcome)
+from harness.serve.ollama_api import (DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, Abandoned, ApiError, Job,
+                                      ModelCard, Outcome)
 from models.architectures import lookup
 from models.generate import generate_tokens
 from models.lm import cut_at_stop
@@ -72,13 +73,27 @@ class Engine:
         self.lock = threading.Lock()
         self.default_num_ctx = default_num_ctx
 
-    def prompt_ids(self, job: Job) -> tuple[list[int], int]:
+    def prompt_text(self, job: Job) -> str:
+        """The text the model continues: an incoming `context` (token ids of an earlier exchange) is
+        decoded and put before the prompt, as Ollama does."""
+        if not job.context:
+            return job.prompt
+        vocab = self.lm.model.config.vocab_size
+        bad = next((t for t in job.context if t >= vocab), None)
+        if bad is not None:
+            raise ApiError(400, f"context holds token id {bad}, outside this model's vocabulary (0..{vocab - 1})")
+        ids, tok = list(job.context), self.lm.tokenizer
+        if tok.add_bos and ids[:1] == [tok.bos_id]:   # encode() puts BOS first again
+            ids = ids[1:]
+        return self.lm.decode(ids) + job.prompt
+
+    def prompt_ids(self, job: Job, text: str | None = None) -> tuple[list[int], int]:
         """(prompt token ids cut from the left to fit, the number of tokens that may follow)."""
         s = job.sampling
         ctx = max(2, min(s.num_ctx or self.default_num_ctx, self.lm.max_length))
         # keep room for the requested tokens (at most half the context) and at least one
         reserve = min(max(s.num_predict, 1), ctx // 2)
-        ids = self.lm.encode(job.prompt)[-(ctx - reserve):] or [self.lm.prefix_token]
+        ids = self.lm.encode(job.prompt if text is None else text)[-(ctx - reserve):] or [self.lm.prefix_token]
         room = ctx - len(ids)
         return ids, room if s.num_predict < 0 else min(s.num_predict, room)
 
@@ -107,7 +122,8 @@ class Engine:
             if cancelled():
                 raise Abandoned(0)
             t_start = time.perf_counter_ns()
-            ids, max_new = self.prompt_ids(job)
+            prompt = self.prompt_text(job)
+            ids, max_new = self.prompt_ids(job, prompt)
             tokens: list[int] = []
             if max_new > 0:
                 generator = None
@@ -119,6 +135,7 @@ class Engine:
                                          should_stop=step)[0]
             t_end = time.perf_counter_ns()
             text, rest = decoder.finish(tokens)
+            context = self.lm.encode(prompt + text) if job.want_context else None
         if aborted or rest and not on_delta(rest):
             raise Abandoned(len(tokens))
         hit_eos = not decoder.stopped and len(tokens) < max_new
@@ -126,7 +143,7 @@ class Engine:
         return Outcome(text=text, done_reason="stop" if decoder.stopped or hit_eos else "length",
                        prompt_eval_count=len(ids), eval_count=len(tokens) + int(hit_eos),
                        load_duration=t_start - t_wait, prompt_eval_duration=t_first - t_start,
-                       eval_duration=t_end - t_first)
+                       eval_duration=t_end - t_first, context=context)
 
 
 # ----------------------------------------------------------------------------- metadata

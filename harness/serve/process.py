@@ -4,7 +4,7 @@
     ollama.Client(host=server.url).chat(model=server.model, ...)
     server.stop()
 
-The server prints one line `serving <name> on <url>` to stdout once it listens (harness/serve.py);
+The server prints one line `serving <name> on <url>` to stdout once it listens (harness/serve/__main__.py);
 this reads that line and keeps draining stdout afterwards, so the child never blocks on a full pipe.
 Used by the baseline ladder (its local judge), the test fixture and bench/serve_speed.py.
 """
