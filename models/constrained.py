@@ -1,0 +1,272 @@
+"""Grammar-constrained decoding: JSON output enforced token by token (Ollama `format`, OpenAI
+`response_format`), with xgrammar.
+
+    c = Constraint.schema(lm, {"type": "object", ...})     # or Constraint.json(lm); SchemaError if bad
+    generate_tokens(lm.model, [ids], ..., eos_ids=lm.stop_ids(), constraints=[c.matcher()])
+
+Before each sampling step the row's matcher sets every token the grammar forbids to -inf (EOS only
+once the JSON is complete); the chosen token is fed back to it, and the row ends as soon as the
+grammar is complete (a JSON object's closing brace) -- nothing could follow it but EOS.
+
+Why xgrammar: bench/constrained_overhead.py measured the three maintained libraries on
+SmolLM2-135M-Instruct (49,152-token vocabulary), greedy, 64 tokens, same prompt, medians, on this
+machine's 2 shared CPU cores (bench/results/constrained_overhead.json):
+
+                      compile "any JSON"   compile schema   mask+accept /token   decode vs unconstrained
+    xgrammar 0.2.8           see RESULTS below (filled in from the benchmark run)
+    llguidance 1.9.1
+    outlines-core 0.2.14
+
+RESULTS is the section at the end of bench/constrained_overhead.py's docstring; the pick is the
+library with the lowest per-token overhead that enforces both grammars correctly.
+
+The tokenizer's vocabulary reaches the grammar library as raw bytes per token id (`token_bytes`):
+byte-level BPE pieces ("Ġ" = space) are mapped back to bytes, SentencePiece pieces ("▁", "<0x0A>")
+likewise, tiktoken gives them directly; special/control tokens get b"" (xgrammar never allows
+them). One `TokenizerInfo` + `GrammarCompiler` per (tokenizer, stop ids, logits width) and one
+compiled grammar per schema are cached, so a repeated request pays neither.
+"""
+from __future__ import annotations
+
+import json
+import re
+import threading
+import weakref
+from collections import OrderedDict
+from typing import Any, Sequence
+
+import torch
+
+from harness.cli import UserError
+
+# Whitespace between JSON tokens is capped as llama.cpp's json grammar caps it (`ws ::= | " " |
+# "\n" [ \t]{0,20}`): a small model could otherwise emit newlines forever inside a valid object.
+MAX_WHITESPACE = 20
+GRAMMAR_CACHE_SIZE = 128
+JSON_OBJECT = {"type": "object"}    # what format "json" / json_object means: any JSON object
+
+
+class SchemaError(UserError):
+    """A `format` / `response_format` JSON schema that is not valid, or that constrained decoding
+    cannot enforce; the message names what is wrong (the server answers 400)."""
+
+
+# ----------------------------------------------------------------------------- vocabulary as bytes
+
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: the printable character that stands for each byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def token_bytes(tokenizer) -> list[bytes | None]:
+    """The bytes each token id stands for in generated text; None for special (control) tokens,
+    which never appear in constrained output."""
+    if hasattr(tokenizer, "encoding"):     # TiktokenTokenizer
+        enc = tokenizer.encoding
+        special = set(enc._special_tokens.values())
+        return [None if i in special else enc.decode_single_token_bytes(i) for i in range(enc.n_vocab)]
+    backend = getattr(tokenizer, "backend", None)
+    if backend is None:
+        raise UserError(f"tokenizer {tokenizer.name!r} ({type(tokenizer).__name__}) cannot be used for "
+                        "constrained (JSON) decoding: its vocabulary is not readable as bytes")
+    added = backend.get_added_tokens_decoder()
+    decoder = type(backend.decoder).__name__ if backend.decoder is not None else ""
+    byte_level = decoder == "ByteLevel" or "ByteLevel" in str(backend.decoder)
+    inverse = _byte_level_decoder() if byte_level else {}
+    out: list[bytes | None] = []
+    for i in range(tokenizer.vocab_size):
+        piece = backend.id_to_token(i)
+        if piece is None or (i in added and added[i].special):
+            out.append(None)
+        elif i in added:                   # a plain added token ("\n\n" in Gemma): its text, whole
+            out.append(added[i].content.encode())
+        elif byte_level:
+            out.append(bytes(inverse[ch] for ch in piece))
+        else:                              # SentencePiece: ▁ is a space, <0xNN> one raw byte
+            m = _BYTE_PIECE.fullmatch(piece)
+            out.append(bytes([int(m.group(1), 16)]) if m else piece.replace("\u2581", " ").encode())
+    return out
+
+
+# ----------------------------------------------------------------------------- compiler per tokenizer
+
+class _Compiler:
+    """xgrammar's TokenizerInfo + GrammarCompiler for one tokenizer, plus compiled grammars by schema."""
+
+    def __init__(self, tokenizer, stop_ids: Sequence[int], width: int):
+        import xgrammar as xgr
+        vocab = [b"" if b is None else b for b in token_bytes(tokenizer)]   # b"": xgrammar's special
+        self.info = xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=width,
+                                      stop_token_ids=list(stop_ids))
+        self.compiler = xgr.GrammarCompiler(self.info, max_threads=1, cache_enabled=False)
+        self.stop_ids = list(stop_ids)
+        self.width = width
+        self.grammars: OrderedDict[str, Any] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def compile(self, schema: dict, strict: bool):
+        key = json.dumps([schema, strict], sort_keys=True)
+        with self.lock:
+            if key in self.grammars:
+                self.grammars.move_to_end(key)
+                return self.grammars[key]
+        try:
+            grammar = self.compiler.compile_json_schema(
+                schema, any_whitespace=True, max_whitespace_cnt=MAX_WHITESPACE, strict_mode=strict)
+        except RuntimeError as e:   # xgrammar: "[time] json_schema_converter.cc:N: <what is wrong>"
+            reason = str(e).strip().splitlines()[0]
+            reason = re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", reason)
+            raise SchemaError(f"JSON schema cannot be enforced: {reason}") from None
+        with self.lock:
+            self.grammars[key] = grammar
+            while len(self.grammars) > GRAMMAR_CACHE_SIZE:
+                self.grammars.popitem(last=False)
+        return grammar
+
+
+_compilers: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+_compilers_lock = threading.Lock()
+
+
+def _compiler_for(lm) -> _Compiler:
+    """The cached compiler for `lm` (a TorchLM: its tokenizer, stop ids and logits width)."""
+    tokenizer, stop_ids, width = lm.tokenizer, tuple(lm.stop_ids()), lm.model.config.vocab_size
+    with _compilers_lock:
+        per_tokenizer = _compilers.setdefault(tokenizer, {})
+        compiler = per_tokenizer.get((stop_ids, width))
+        if compiler is None:
+            compiler = per_tokenizer[(stop_ids, width)] = _Compiler(tokenizer, stop_ids, width)
+    return compiler
+
+
+# ----------------------------------------------------------------------------- public API
+
+def check_schema(schema: Any) -> dict:
+    """`schema` (a dict, or its JSON text) as a dict, or SchemaError naming what is wrong with it
+    (checked against its JSON Schema meta-schema with the jsonschema package)."""
+    if isinstance(schema, (str, bytes)):
+        try:
+            schema = json.loads(schema)
+        except ValueError as e:
+            raise SchemaError(f"JSON schema is not valid JSON: {e}") from None
+    if not isinstance(schema, dict):
+        raise SchemaError(f"JSON schema must be an object, got {type(schema).__name__}: {schema!r:.80}")
+    import jsonschema
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as e:
+        where = "/".join(str(p) for p in e.absolute_path) or "(root)"
+        raise SchemaError(f"invalid JSON schema at {where}: {e.message}") from None
+    return schema
+
+
+class Constraint:
+    """A grammar compiled for one model's tokenizer; `matcher()` gives each sequence its own state."""
+
+    def __init__(self, compiler: _Compiler, grammar, description: str):
+        self._compiler = compiler
+        self.grammar = grammar
+        self.description = description
+
+    @classmethod
+    def json(cls, lm) -> "Constraint":
+        """Any JSON object (Ollama `format: "json"`, OpenAI `{"type": "json_object"}`)."""
+        return cls(_compiler_for(lm), _compiler_for(lm).compile(JSON_OBJECT, strict=False), "json")
+
+    @classmethod
+    def schema(cls, lm, schema: Any) -> "Constraint":
+        """JSON valid under `schema` (a dict or its JSON text); SchemaError when it is not a valid
+        schema or uses what cannot be enforced. Properties the schema does not name are not
+        generated (xgrammar's strict mode), so the output always validates."""
+        schema = check_schema(schema)
+        return cls(_compiler_for(lm), _compiler_for(lm).compile(schema, strict=True), "schema")
+
+    def matcher(self) -> "Matcher":
+        return Matcher(self)
+
+
+_BITS = torch.tensor([1 << k for k in range(8)], dtype=torch.uint8)
+
+
+class Matcher:
+    """One sequence's position in the grammar: `mask_` before sampling, `accept` after."""
+
+    def __init__(self, constraint: Constraint):
+        import xgrammar as xgr
+        self._xgr = xgr
+        self.matcher = xgr.GrammarMatcher(constraint.grammar)
+        self.width = constraint._compiler.width
+        self.stop_ids = constraint._compiler.stop_ids
+        self.bitmask = xgr.allocate_token_bitmask(1, self.width)
+        self._filled = False    # bitmask already holds the next step's mask (filled in accept)
+        self.finished = False
+
+    def mask_(self, logits: torch.Tensor) -> None:
+        """Set the logits [V] of every token the grammar forbids next to -inf, in place."""
+        if not self._filled:
+            self.matcher.fill_next_token_bitmask(self.bitmask)
+        self._filled = False
+        # bitmask -> bool per token: byte k of the int32 words holds tokens 8k..8k+7, low bit first
+        allowed = (self.bitmask.view(torch.uint8).view(-1, 1) & _BITS).bool().view(-1)[: logits.shape[-1]]
+        logits.masked_fill_(~allowed.to(logits.device), float("-inf"))
+
+    def accept(self, token: int) -> bool:
+        """Feed the chosen token; True when the grammar is complete and nothing but EOS may follow
+        (the caller ends the sequence there)."""
+        if not self.matcher.accept_token(token):
+            raise RuntimeError(f"grammar matcher rejected token {token}, which its mask allowed")
+        if self.matcher.is_completed():
+            self.matcher.fill_next_token_bitmask(self.bitmask)
+            self._filled = True
+            words = self.bitmask.view(torch.uint8).view(-1, 1) & _BITS
+            allowed = words.bool().view(-1)[: self.width].clone()
+            allowed[self.stop_ids] = False
+            self.finished = not bool(allowed.any())
+        return self.finished
+
+    @property
+    def completed(self) -> bool:
+        """The text so far is a complete match (a JSON document that parses)."""
+        return bool(self.matcher.is_completed())
+
+
+def from_ollama_format(lm, fmt: Any) -> Constraint | None:
+    """Ollama's `format`: "" / None -> None, "json" -> any JSON object, a schema object -> that
+    schema; anything else SchemaError."""
+    if fmt in (None, ""):
+        return None
+    if fmt == "json":
+        return Constraint.json(lm)
+    if isinstance(fmt, dict):
+        return Constraint.schema(lm, fmt)
+    raise SchemaError(f'format must be "json" or a JSON schema object, got {fmt!r:.80}')
+
+
+def from_openai_response_format(lm, response_format: Any) -> Constraint | None:
+    """OpenAI's `response_format`: {"type": "text"} / None -> None, {"type": "json_object"} -> any
+    JSON object, {"type": "json_schema", "json_schema": {"schema": {...}}} -> that schema."""
+    if response_format is None:
+        return None
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return Constraint.json(lm)
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict) or "schema" not in spec:
+            raise SchemaError('response_format {"type": "json_schema"} needs "json_schema": {"name": ..., '
+                              '"schema": {...}}')
+        return Constraint.schema(lm, spec["schema"])
+    raise SchemaError(f'response_format.type must be "text", "json_object" or "json_schema", got {kind!r}')
