@@ -11,9 +11,12 @@ For every library that imports:
   library's per-sequence matcher in `constraints=[...]` vs no constraint, interleaved, medians over
   --repeats. Reported per generated token: the matcher's own time (compute the next-token bitmask
   + accept the chosen token: the library), the time to apply the bitmask to the logits (the same
-  torch code for all), and the wall time of the whole decode step against unconstrained decoding;
+  code for all: models.constrained.apply_bitmask_), and the wall time of the whole decode step
+  against unconstrained decoding;
+- replay: the shipped path's greedy document fed token by token to every library without the model
+  (--replays runs): the same per-token costs, far less exposed to a busy machine;
 - correct: every constrained output `json.loads` and validates against its schema (jsonschema).
-The shipped path (models.constrained: Constraint + Matcher, xgrammar) is timed the same way.
+The shipped path (models.constrained: Constraint + Matcher, llguidance) is timed the same way.
 
 Run (the machine is shared: look at the load average it prints; compare ratios):
     python bench/constrained_overhead.py            # writes bench/results/constrained_overhead.json
@@ -38,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from common import write_summary  # noqa: E402
 
-from models.constrained import Constraint, token_bytes  # noqa: E402
+from models.constrained import Constraint, apply_bitmask_, token_bytes  # noqa: E402
 from models.generate import generate_tokens  # noqa: E402
 from models.registry import load_lm  # noqa: E402
 
@@ -49,13 +52,9 @@ SCHEMA = {"type": "object",
 ANY_JSON = {"type": "object"}
 PROMPTS = {"json": "List five countries and their capitals as a JSON object.",
            "schema": "Describe a person as JSON with a name, an age and a favorite color."}
+# llguidance's default whitespace is unbounded; cap it like xgrammar's max_whitespace_cnt=20
+LLG_OPTIONS = {"whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,20}"}
 BITS = torch.tensor([1 << k for k in range(8)], dtype=torch.uint8)
-
-
-def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
-    """logits [V] -> -inf where the int32 bitmask [1, ceil(V/32)] has a 0 bit (little-endian)."""
-    allowed = (bitmask.view(torch.uint8).view(-1, 1) & BITS).bool().view(-1)[: logits.shape[-1]]
-    logits.masked_fill_(~allowed, float("-inf"))
 
 
 class Timed:
@@ -71,7 +70,7 @@ class Timed:
         t0 = time.perf_counter()
         self.fill(self.bitmask)
         t1 = time.perf_counter()
-        apply_bitmask(logits, self.bitmask)
+        apply_bitmask_(logits, self.bitmask)
         self.t_apply += time.perf_counter() - t1
         self.t_lib += t1 - t0
         self.steps += 1
@@ -141,7 +140,7 @@ class LLGuidance:
 
     def compile(self, schema, strict):
         # llguidance compiles the grammar when a matcher is built; the matcher is the compile
-        grammar = self.llg.LLMatcher.grammar_from_json_schema(schema)
+        grammar = self.llg.LLMatcher.grammar_from_json_schema(schema, overrides=LLG_OPTIONS)
         m = self.llg.LLMatcher(self.tok, grammar, log_level=0)
         assert not m.is_error(), m.get_error()
         return grammar
@@ -192,7 +191,7 @@ class OutlinesCore:
 
 
 class Shipped:
-    """models.constrained as the server will use it (xgrammar underneath), timed as a whole."""
+    """models.constrained as the server will use it (llguidance underneath), timed as a whole."""
     name = "shipped (models.constrained)"
 
     def __init__(self, lm):
@@ -238,6 +237,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3, help="interleaved timed decodes per variant (medians)")
     ap.add_argument("--compile-runs", type=int, default=5)
+    ap.add_argument("--replays", type=int, default=20, help="model-free replays of a document per library")
     ap.add_argument("--libraries", nargs="+", default=["xgrammar", "llguidance", "outlines-core"])
     ap.add_argument("--out", default=str(ROOT / "bench/results/constrained_overhead.json"))
     args = ap.parse_args()
@@ -259,6 +259,7 @@ def main() -> None:
                          "repeats": args.repeats, "token_bytes_s": t_vocab, "libraries": {}}
     for name in args.libraries:
         try:
+            __import__({"outlines-core": "outlines_core"}.get(name, name))   # import outside the timing
             t = time.perf_counter()
             lib = {"xgrammar": lambda: XGrammar(vocab, width, stop_ids),
                    "llguidance": lambda: LLGuidance(vocab, width, stop_ids, lm.tokenizer),
@@ -313,6 +314,34 @@ def main() -> None:
                 per[(kind, v)].append((dt, out, m))
         print(f"  repeat {r + 1} done, load avg {os.getloadavg()[0]:.2f}", flush=True)
 
+    # Replay: the same valid document's tokens (the shipped greedy output) through every library,
+    # without the model: the matcher and apply costs alone, less exposed to a busy machine.
+    replay = {}
+    for kind in schemas:
+        doc = per[(kind, "shipped")][0][1]
+        for v in variants[1:]:
+            lib, grammars = libs[v]
+            lib_ts, apply_ts = [], []
+            try:
+                for _ in range(args.replays):
+                    m = lib.matcher(grammars[kind])
+                    logits = torch.zeros(width)
+                    for tok in doc:
+                        logits.zero_()
+                        m.mask_(logits)
+                        if logits[tok] == float("-inf"):
+                            raise ValueError(f"its grammar forbids token {tok} ({lm.decode([tok])!r})")
+                        m.accept(tok)
+                    lib_ts.append(m.t_lib / len(doc))
+                    apply_ts.append(m.t_apply / len(doc))
+            except (ValueError, AssertionError) as e:   # e.g. outlines-core's whitespace is "[ ]?"
+                print(f"  replay {kind} {v}: document rejected: {e}", flush=True)
+                continue
+            replay[(kind, v)] = (statistics.median(lib_ts), statistics.median(apply_ts), len(doc))
+            summary["libraries"][v].setdefault("replay", {})[kind] = {
+                "tokens": len(doc), "matcher_ms_per_token": replay[(kind, v)][0] * 1e3,
+                "apply_ms_per_token": replay[(kind, v)][1] * 1e3, "runs": args.replays}
+
     rows = []
     for kind, schema in schemas.items():
         base = statistics.median(dt / max(len(o), 1) for dt, o, _ in per[(kind, "none")])
@@ -345,6 +374,12 @@ def main() -> None:
         apply_s = f"{apply_t * 1e3:9.3f}" if v != "shipped" else f"{'(incl.)':>9}"
         print(f"{kind:7} {v:30} {step * 1e3:8.2f} {step / base:7.2f} {lib_t * 1e3:11.3f} {apply_s} "
               f"{100 * (lib_t + apply_t) / base:8.1f}% {ntok:6d} {'yes' if ok else 'NO'}")
+    print(f"\nreplay of the shipped greedy document, no model, median of {args.replays} (ms per token):")
+    print(f"{'grammar':7} {'library':30} {'matcher':>8} {'apply':>8} {'total':>8} {'% of none':>9}")
+    for (kind, v), (lib_t, apply_t, ntok) in replay.items():
+        base = summary["unconstrained_ms_per_token"][kind] / 1e3
+        print(f"{kind:7} {v:30} {lib_t * 1e3:8.3f} {apply_t * 1e3:8.3f} {(lib_t + apply_t) * 1e3:8.3f} "
+              f"{100 * (lib_t + apply_t) / base:8.2f}%")
     print("\ncompile (median ms):")
     for name, entry in summary["libraries"].items():
         if name != "shipped":

@@ -41,7 +41,7 @@ from harness.cli import UserError
 
 # Whitespace between JSON tokens is capped as llama.cpp's json grammar caps it (`ws ::= | " " |
 # "\n" [ \t]{0,20}`): a small model could otherwise emit newlines forever inside a valid object.
-MAX_WHITESPACE = 20
+JSON_OPTIONS = {"whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,20}"}
 GRAMMAR_CACHE_SIZE = 128
 JSON_OBJECT = {"type": "object"}    # what format "json" / json_object means: any JSON object
 
@@ -101,38 +101,67 @@ def token_bytes(tokenizer) -> list[bytes | None]:
 
 # ----------------------------------------------------------------------------- compiler per tokenizer
 
+class _Vocabulary:
+    """llguidance's TokenizerWrapper interface over our tokenizer: bytes per id, special ids, EOS,
+    and a tokenize function (llguidance uses it only to spell forced text, never for masks)."""
+
+    def __init__(self, tokenizer, vocab: list[bytes | None], stop_ids: Sequence[int]):
+        self.eos_token_id = stop_ids[0]
+        self.bos_token_id = tokenizer.bos_id
+        self.special_token_ids = [i for i, b in enumerate(vocab) if b is None]
+        # a special token is spelled by its name; llguidance never matches it against text
+        self.tokens = [tokenizer.decode([i]).encode() if b is None else b for i, b in enumerate(vocab)]
+        self._encode = tokenizer.encode
+
+    def __call__(self, text: str) -> list[int]:
+        return self._encode(text)
+
+
 class _Compiler:
-    """xgrammar's TokenizerInfo + GrammarCompiler for one tokenizer, plus compiled grammars by schema."""
+    """llguidance's tokenizer for one model, and one compiled matcher per schema (copied per row)."""
 
     def __init__(self, tokenizer, stop_ids: Sequence[int], width: int):
-        import xgrammar as xgr
-        vocab = [b"" if b is None else b for b in token_bytes(tokenizer)]   # b"": xgrammar's special
-        self.info = xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=width,
-                                      stop_token_ids=list(stop_ids))
-        self.compiler = xgr.GrammarCompiler(self.info, max_threads=1, cache_enabled=False)
+        import llguidance
+        vocab = token_bytes(tokenizer)
+        self.llg = llguidance
+        self.tokenizer = llguidance.LLTokenizer(
+            llguidance.TokenizerWrapper(_Vocabulary(tokenizer, vocab, stop_ids)),
+            n_vocab=width, eos_token=list(stop_ids))
         self.stop_ids = list(stop_ids)
         self.width = width
-        self.grammars: OrderedDict[str, Any] = OrderedDict()
+        self.matchers: OrderedDict[str, Any] = OrderedDict()
         self.lock = threading.Lock()
 
-    def compile(self, schema: dict, strict: bool):
-        key = json.dumps([schema, strict], sort_keys=True)
+    def compile(self, schema: dict):
+        """A fresh matcher for `schema` (compiled once, then cached); SchemaError if llguidance
+        cannot enforce it."""
+        key = json.dumps(schema, sort_keys=True)
         with self.lock:
-            if key in self.grammars:
-                self.grammars.move_to_end(key)
-                return self.grammars[key]
+            if key in self.matchers:
+                self.matchers.move_to_end(key)
+                return self.matchers[key]
+        llg = self.llg
         try:
-            grammar = self.compiler.compile_json_schema(
-                schema, any_whitespace=True, max_whitespace_cnt=MAX_WHITESPACE, strict_mode=strict)
-        except RuntimeError as e:   # xgrammar: "[time] json_schema_converter.cc:N: <what is wrong>"
-            reason = str(e).strip().splitlines()[0]
-            reason = re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", reason)
-            raise SchemaError(f"JSON schema cannot be enforced: {reason}") from None
+            grammar = llg.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
+        except ValueError as e:
+            raise SchemaError(f"invalid JSON schema: {e}") from None
+        failed, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer)
+        if failed:
+            raise SchemaError(f"invalid JSON schema: {_first_line(messages[0])}")
+        template = llg.LLMatcher(self.tokenizer, grammar, log_level=0)
+        if template.is_error():
+            raise SchemaError(f"invalid JSON schema: {_first_line(template.get_error())}")
         with self.lock:
-            self.grammars[key] = grammar
-            while len(self.grammars) > GRAMMAR_CACHE_SIZE:
-                self.grammars.popitem(last=False)
-        return grammar
+            self.matchers[key] = template
+            while len(self.matchers) > GRAMMAR_CACHE_SIZE:
+                self.matchers.popitem(last=False)
+        return template
+
+
+def _first_line(message: str) -> str:
+    """llguidance's message on one line (a regex error spans several: the pattern, a caret, why)."""
+    text = " ".join(line.strip() for line in message.splitlines() if line.strip())
+    return text[:400] or "rejected by the grammar compiler"
 
 
 _compilers: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
@@ -152,9 +181,8 @@ def _compiler_for(lm) -> _Compiler:
 
 # ----------------------------------------------------------------------------- public API
 
-def check_schema(schema: Any) -> dict:
-    """`schema` (a dict, or its JSON text) as a dict, or SchemaError naming what is wrong with it
-    (checked against its JSON Schema meta-schema with the jsonschema package)."""
+def parse_schema(schema: Any) -> dict:
+    """`schema` (a dict, or its JSON text) as a dict; SchemaError when it is neither."""
     if isinstance(schema, (str, bytes)):
         try:
             schema = json.loads(schema)
@@ -162,83 +190,75 @@ def check_schema(schema: Any) -> dict:
             raise SchemaError(f"JSON schema is not valid JSON: {e}") from None
     if not isinstance(schema, dict):
         raise SchemaError(f"JSON schema must be an object, got {type(schema).__name__}: {schema!r:.80}")
-    import jsonschema
-    try:
-        jsonschema.validators.validator_for(schema).check_schema(schema)
-    except jsonschema.SchemaError as e:
-        where = "/".join(str(p) for p in e.absolute_path) or "(root)"
-        raise SchemaError(f"invalid JSON schema at {where}: {e.message}") from None
     return schema
 
 
 class Constraint:
     """A grammar compiled for one model's tokenizer; `matcher()` gives each sequence its own state."""
 
-    def __init__(self, compiler: _Compiler, grammar, description: str):
+    def __init__(self, compiler: _Compiler, template, description: str):
         self._compiler = compiler
-        self.grammar = grammar
+        self.grammar = template          # the compiled matcher in its start state (cached, shared)
         self.description = description
 
     @classmethod
     def json(cls, lm) -> "Constraint":
         """Any JSON object (Ollama `format: "json"`, OpenAI `{"type": "json_object"}`)."""
-        return cls(_compiler_for(lm), _compiler_for(lm).compile(JSON_OBJECT, strict=False), "json")
+        compiler = _compiler_for(lm)
+        return cls(compiler, compiler.compile(JSON_OBJECT), "json")
 
     @classmethod
     def schema(cls, lm, schema: Any) -> "Constraint":
         """JSON valid under `schema` (a dict or its JSON text); SchemaError when it is not a valid
-        schema or uses what cannot be enforced. Properties the schema does not name are not
-        generated (xgrammar's strict mode), so the output always validates."""
-        schema = check_schema(schema)
-        return cls(_compiler_for(lm), _compiler_for(lm).compile(schema, strict=True), "schema")
+        schema or uses a keyword llguidance cannot enforce (it names it: `not`, `uniqueItems`, ...)."""
+        compiler = _compiler_for(lm)
+        return cls(compiler, compiler.compile(parse_schema(schema)), "schema")
 
     def matcher(self) -> "Matcher":
         return Matcher(self)
 
 
 _BITS = torch.tensor([1 << k for k in range(8)], dtype=torch.uint8)
+# Row v: what to add to the 8 logits whose allowed-bits are the byte v (low bit first): 0 or -inf.
+_BYTE_BIAS = torch.where((torch.arange(256, dtype=torch.uint8)[:, None] & _BITS).bool(), 0.0, float("-inf"))
+
+
+def apply_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """logits [V] (fp32, CPU) += 0 where the int32 bitmask (bit j of word w: token 32w + j, as
+    xgrammar and llguidance write it) allows the token, -inf where it does not. A table lookup per
+    byte and one add: branch-free, ~10x faster than masked_fill with an unpredictable mask."""
+    rows = bitmask.view(torch.uint8).view(-1).long()          # little-endian: byte k = tokens 8k..8k+7
+    logits.add_(_BYTE_BIAS.index_select(0, rows).view(-1)[: logits.shape[-1]].to(logits.device))
 
 
 class Matcher:
     """One sequence's position in the grammar: `mask_` before sampling, `accept` after."""
 
     def __init__(self, constraint: Constraint):
-        import xgrammar as xgr
-        self._xgr = xgr
-        self.matcher = xgr.GrammarMatcher(constraint.grammar)
-        self.width = constraint._compiler.width
-        self.stop_ids = constraint._compiler.stop_ids
-        self.bitmask = xgr.allocate_token_bitmask(1, self.width)
-        self._filled = False    # bitmask already holds the next step's mask (filled in accept)
-        self.finished = False
+        self.matcher = constraint.grammar.deep_copy()
+        self.bitmask = torch.full((1, (constraint._compiler.width + 31) // 32), -1, dtype=torch.int32)
+        self._nbytes = self.bitmask.numel() * 4
 
     def mask_(self, logits: torch.Tensor) -> None:
-        """Set the logits [V] of every token the grammar forbids next to -inf, in place."""
-        if not self._filled:
-            self.matcher.fill_next_token_bitmask(self.bitmask)
-        self._filled = False
-        # bitmask -> bool per token: byte k of the int32 words holds tokens 8k..8k+7, low bit first
-        allowed = (self.bitmask.view(torch.uint8).view(-1, 1) & _BITS).bool().view(-1)[: logits.shape[-1]]
-        logits.masked_fill_(~allowed.to(logits.device), float("-inf"))
+        """Set the logits [V] of every token the grammar forbids next to -inf, in place (EOS is
+        allowed only where the JSON is complete)."""
+        self.matcher.unsafe_compute_mask_ptr(self.bitmask.data_ptr(), self._nbytes)
+        if self.matcher.is_error():
+            raise RuntimeError(f"grammar matcher failed: {self.matcher.get_error()}")
+        apply_bitmask_(logits, self.bitmask)
 
     def accept(self, token: int) -> bool:
         """Feed the chosen token; True when the grammar is complete and nothing but EOS may follow
         (the caller ends the sequence there)."""
-        if not self.matcher.accept_token(token):
-            raise RuntimeError(f"grammar matcher rejected token {token}, which its mask allowed")
-        if self.matcher.is_completed():
-            self.matcher.fill_next_token_bitmask(self.bitmask)
-            self._filled = True
-            words = self.bitmask.view(torch.uint8).view(-1, 1) & _BITS
-            allowed = words.bool().view(-1)[: self.width].clone()
-            allowed[self.stop_ids] = False
-            self.finished = not bool(allowed.any())
-        return self.finished
+        if not self.matcher.consume_token(token):
+            raise RuntimeError(f"grammar matcher rejected token {token}, which its mask allowed: "
+                               f"{self.matcher.get_error()}")
+        return self.matcher.is_stopped()
 
     @property
     def completed(self) -> bool:
         """The text so far is a complete match (a JSON document that parses)."""
-        return bool(self.matcher.is_completed())
+        return self.matcher.is_accepting()
 
 
 def from_ollama_format(lm, fmt: Any) -> Constraint | None:

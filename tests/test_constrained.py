@@ -102,10 +102,13 @@ def test_token_bytes_spell_the_text(smollm2_lm):
 
 
 @pytest.mark.parametrize("schema, says", [
-    ({"type": "foo"}, "at type"),
-    ({"type": "object", "required": "name"}, "at required: 'name' is not of type 'array'"),
-    ({"type": "object", "properties": {"a": {"type": "string", "pattern": "(("}}}, "pattern"),
-    ({"enum": []}, "enum"),
+    ({"type": "foo"}, "Invalid type: foo"),
+    ({"type": "object", "required": "name"}, "Expected array for 'required'"),
+    ({"type": "object", "properties": {"a": {"type": "string", "pattern": "(("}}}, "unclosed group"),
+    ({"enum": []}, "Unsatisfiable schema"),
+    ({"type": "integer", "not": {"const": 3}}, 'Unimplemented keys: ["not"]'),   # never silently ignored
+    ({"type": "array", "uniqueItems": True}, "uniqueItems"),
+    ({"$ref": "#/$defs/missing"}, "does not exist"),
     ('{"type": ', "not valid JSON"),
     ([1, 2], "must be an object"),
 ])
