@@ -15,7 +15,9 @@ For every library that imports:
   against unconstrained decoding;
 - replay: the shipped path's greedy document fed token by token to every library without the model
   (--replays runs): the same per-token costs, far less exposed to a busy machine;
-- correct: every constrained output `json.loads` and validates against its schema (jsonschema).
+- correct: every constrained output `json.loads` and validates against its schema (jsonschema);
+  and schema keywords each library may not implement (`not`, `multipleOf`, `uniqueItems`): a
+  library must either refuse the schema or reject a document that violates it, never let it end.
 The shipped path (models.constrained: Constraint + Matcher, llguidance) is timed the same way.
 
 Run (the machine is shared: look at the load average it prints; compare ratios):
@@ -50,6 +52,10 @@ SCHEMA = {"type": "object",
                          "color": {"enum": ["red", "green", "blue"]}},
           "required": ["name", "age", "color"]}
 ANY_JSON = {"type": "object"}
+# (schema, a document that violates it): refused or rejected = correct; accepted to the end = ignored
+PROBES = [({"not": {"type": "string"}}, '"x"'), ({"type": "integer", "multipleOf": 5}, "7"),
+          ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "[1, 1]"),
+          ({"type": "string", "maxLength": 3}, '"abcdef"')]
 PROMPTS = {"json": "List five countries and their capitals as a JSON object.",
            "schema": "Describe a person as JSON with a name, an age and a favorite color."}
 # llguidance's default whitespace is unbounded; cap it like xgrammar's max_whitespace_cnt=20
@@ -342,6 +348,35 @@ def main() -> None:
                 "tokens": len(doc), "matcher_ms_per_token": replay[(kind, v)][0] * 1e3,
                 "apply_ms_per_token": replay[(kind, v)][1] * 1e3, "runs": args.replays}
 
+    # Keyword probes: refused at compile, or the violating document cannot be completed.
+    eos = stop_ids[0]
+    for v in variants[1:]:
+        lib = libs[v][0]
+        verdicts = {}
+        for schema, bad_doc in PROBES:
+            key = json.dumps(schema)
+            try:
+                grammar = Constraint.schema(lm, schema) if v == "shipped" else lib.compile(schema, strict=True)
+            except Exception as e:   # noqa: BLE001
+                verdicts[key] = f"refused: {str(e).strip().splitlines()[0][:100]}"
+                continue
+            m, logits, verdict = lib.matcher(grammar), torch.zeros(width), None
+            for tok in lm.tokenizer.encode(bad_doc):
+                logits.zero_()
+                m.mask_(logits)
+                if logits[tok] == float("-inf"):
+                    verdict = "enforced (violating token masked)"
+                    break
+                m.accept(tok)
+            if verdict is None:
+                logits.zero_()
+                m.mask_(logits)
+                verdict = ("enforced (cannot end there)" if logits[eos] == float("-inf")
+                           else f"IGNORED: {bad_doc} accepted")
+            verdicts[key] = verdict
+        summary["libraries"][v]["keyword_probes"] = verdicts
+        summary["libraries"][v]["keywords_correct"] = not any(x.startswith("IGNORED") for x in verdicts.values())
+
     rows = []
     for kind, schema in schemas.items():
         base = statistics.median(dt / max(len(o), 1) for dt, o, _ in per[(kind, "none")])
@@ -387,6 +422,10 @@ def main() -> None:
                 f"{k} {v * 1e3:8.2f}" if v is not None else f"{k} FAILED" for k, v in entry["compile_s"].items()))
     print(f"  shipped first Constraint.json + .schema (token_bytes + setup + compile): "
           f"{summary['shipped_first_compile_s'] * 1e3:.0f} ms")
+    print("\nschema keywords (refused or enforced = correct):")
+    for v in variants[1:]:
+        for key, verdict in summary["libraries"][v]["keyword_probes"].items():
+            print(f"  {v:30} {key:70} {verdict}")
     for kind in schemas:
         print(f"\n{kind}:")
         for v in variants[1:]:

@@ -91,12 +91,28 @@ def token_bytes(tokenizer) -> list[bytes | None]:
             out.append(None)
         elif i in added:                   # a plain added token ("\n\n" in Gemma): its text, whole
             out.append(added[i].content.encode())
-        elif byte_level:
+        elif byte_level and all(ch in inverse for ch in piece):
             out.append(bytes(inverse[ch] for ch in piece))
+        elif byte_level:                   # a piece outside the byte alphabet stands for itself
+            out.append(piece.encode())
         else:                              # SentencePiece: ▁ is a space, <0xNN> one raw byte
             m = _BYTE_PIECE.fullmatch(piece)
             out.append(bytes([int(m.group(1), 16)]) if m else piece.replace("\u2581", " ").encode())
+    _check_spelling(tokenizer, out)
     return out
+
+
+SPELLING_PROBE = 'Text {"key": [1, -2.5e3, true, null], "é": "日本 🙂"}\n\n\t  end'
+
+
+def _check_spelling(tokenizer, vocab: list[bytes | None]) -> None:
+    """The bytes of a probe text's tokens must spell the text (SentencePiece may add one leading
+    space): else masks would be computed over the wrong strings, and we refuse."""
+    ids = tokenizer.encode(SPELLING_PROBE)
+    spelled = b"".join(vocab[i] or b"\0" for i in ids)
+    if spelled.removeprefix(b" ") != SPELLING_PROBE.encode():
+        raise UserError(f"tokenizer {tokenizer.name!r}: cannot read its vocabulary as bytes for "
+                        f"constrained (JSON) decoding (a probe text spells {spelled[:60]!r})")
 
 
 # ----------------------------------------------------------------------------- compiler per tokenizer

@@ -13,6 +13,7 @@ from harness.cli import UserError
 from models.constrained import (Constraint, SchemaError, from_ollama_format,
                                 from_openai_response_format, token_bytes)
 from models.generate import generate_tokens
+from test_sp_tokenizer import llama_gguf  # noqa: F401  (fixture: a tiny SentencePiece GGUF)
 
 SCHEMA = {
     "type": "object",
@@ -142,3 +143,14 @@ def test_request_formats(smollm2_lm):
         from_openai_response_format(lm, {"type": "json_schema"})
     with pytest.raises(SchemaError, match="response_format.type"):
         from_openai_response_format(lm, {"type": "xml"})
+
+
+def test_token_bytes_sentencepiece(llama_gguf):
+    """A SentencePiece vocabulary (▁ for spaces, <0xNN> byte pieces, control tokens) as bytes."""
+    from models.tokenizer import gguf_tokenizer
+    tok = gguf_tokenizer(llama_gguf)
+    vocab = token_bytes(tok)
+    text = 'the cat {"x": "héllo 🙂"}\n'
+    assert b"".join(vocab[i] for i in tok.encode(text)) == b" " + text.encode()   # SentencePiece's prefix space
+    assert vocab[tok.eos_id] is None and vocab[tok.encode("<|user|>")[0]] is None
+    assert vocab[3 + 0x41] == b"A"                                                 # <0x41>
