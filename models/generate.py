@@ -2,11 +2,21 @@
 left padding, stopping at EOS or stop strings."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 
 from models.decoder import Model
+
+
+class RowConstraint(Protocol):
+    """One row's grammar state (models/constrained.Matcher)."""
+
+    def mask_(self, logits: torch.Tensor) -> None:
+        """Set the logits [V] of the tokens it forbids next to -inf, in place."""
+
+    def accept(self, token: int) -> bool:
+        """Take the sampled token; True when the row must end (the grammar is complete)."""
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
@@ -40,9 +50,12 @@ def generate_tokens(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
     should_stop: Callable[[int, list[int]], bool] | None = None,
+    constraints: Sequence[RowConstraint | None] | None = None,
 ) -> list[list[int]]:
     """New tokens for each prompt (EOS excluded). `should_stop(row, tokens)` lets the caller end a
-    row early, e.g. on a stop string."""
+    row early, e.g. on a stop string. `constraints[row]` (None: free) restricts what the row may
+    sample to what a grammar allows (models/constrained.py); the row ends when the grammar is
+    complete."""
     device = model.tok_emb.weight.device
     B, lengths = len(prompts), [len(p) for p in prompts]
     width = max(lengths)
@@ -71,11 +84,17 @@ def generate_tokens(
     next_pos = torch.tensor(lengths, device=device)[:, None]
     for step in range(max_new_tokens):
         logits = model.logits(hidden[:, -1]).float()
+        if constraints is not None:
+            for i, c in enumerate(constraints):
+                if c is not None and not done[i]:
+                    c.mask_(logits[i])
         nxt = sample_next(logits, temperature, top_k, top_p, generator)
         done |= torch.isin(nxt, eos)
         for i, t in enumerate(nxt.tolist()):
             if not done[i]:
                 out[i].append(t)
+                if constraints is not None and constraints[i] is not None and constraints[i].accept(t):
+                    done[i] = True
                 if should_stop is not None and should_stop(i, out[i]):
                     done[i] = True
         if bool(done.all()) or step == max_new_tokens - 1:
