@@ -40,9 +40,12 @@ def generate_tokens(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
     should_stop: Callable[[int, list[int]], bool] | None = None,
+    on_logits: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> list[list[int]]:
     """New tokens for each prompt (EOS excluded). `should_stop(row, tokens)` lets the caller end a
-    row early, e.g. on a stop string."""
+    row early, e.g. on a stop string. `on_logits(logits, next_ids)` sees each step's fp32 logits
+    [B, V] (before temperature) and the ids picked [B], before should_stop: step k of row i made
+    that row's k-th token (harness/serve_scoring.py's log-probs)."""
     device = model.tok_emb.weight.device
     B, lengths = len(prompts), [len(p) for p in prompts]
     width = max(lengths)
@@ -72,6 +75,8 @@ def generate_tokens(
     for step in range(max_new_tokens):
         logits = model.logits(hidden[:, -1]).float()
         nxt = sample_next(logits, temperature, top_k, top_p, generator)
+        if on_logits is not None:
+            on_logits(logits, nxt)
         done |= torch.isin(nxt, eos)
         for i, t in enumerate(nxt.tolist()):
             if not done[i]:
