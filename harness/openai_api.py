@@ -206,9 +206,9 @@ def _float(obj: dict, key: str, default: float, low: float, high: float, where: 
 
 
 def _range(name: str, v: Any, low: float, high: float) -> ApiError:
-    if high >= INT64_MAX:
+    if low > INT64_MIN and high >= INT64_MAX:
         bound = f"greater than or equal to {low}"
-    elif low <= INT64_MIN:
+    elif low <= INT64_MIN and high < INT64_MAX:
         bound = f"less than or equal to {high}"
     else:
         bound = f"between {low} and {high}"
@@ -460,11 +460,11 @@ def _texts_or_ids(v: Any, name: str, vocab_size: int, allow_empty: bool) -> tupl
         item = _typed(item, where, (str, list))
         if isinstance(item, list):
             if not item:
-                raise ApiError(400, f"Invalid '{where}': empty array of token ids.", param=name, code="empty_array")
+                raise ApiError(400, f"Invalid '{where}': empty array of token ids.", param=where, code="empty_array")
             out.append(_token_ids(item, where, vocab_size))
         else:
             if not item and not allow_empty:
-                raise ApiError(400, f"Invalid '{where}': empty string.", param=name, code="invalid_value")
+                raise ApiError(400, f"Invalid '{where}': empty string.", param=where, code="invalid_value")
             out.append(item)
     return tuple(out)
 
