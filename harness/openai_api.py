@@ -565,13 +565,15 @@ def _finite(x: float) -> float:
     return x if math.isfinite(x) else -9999.0     # OpenAI's stand-in for "very unlikely"; JSON has no -inf
 
 
-def chat_logprobs(scores: Sequence[TokenScore], piece: Callable[[int], str], top_logprobs: int) -> dict:
+def chat_logprobs(scores: Sequence[TokenScore], piece: Callable[[int], str], top_logprobs: int,
+                  raw: Callable[[int], bytes] | None = None) -> dict:
     """choices[].logprobs of a chat completion (or of one chunk): {"content": [{token, logprob, bytes,
-    top_logprobs: [{token, logprob, bytes}]}], "refusal": None}. bytes are the UTF-8 of the token's
-    text (a token that is part of a character shows as U+FFFD)."""
+    top_logprobs: [{token, logprob, bytes}]}], "refusal": None}. bytes: raw(id) (the token's own
+    bytes: harness.serve_scoring.token_bytes), else the UTF-8 of its text."""
     def entry(tid: int, lp: float) -> dict:
         text = piece(tid)
-        return {"token": text, "logprob": _finite(lp), "bytes": list(text.encode("utf-8"))}
+        return {"token": text, "logprob": _finite(lp),
+                "bytes": list(raw(tid) if raw is not None else text.encode("utf-8"))}
     return {"content": [{**entry(s.id, s.logprob if s.logprob is not None else 0.0),
                          "top_logprobs": [entry(t, lp) for t, lp in s.top[:top_logprobs]]} for s in scores],
             "refusal": None}

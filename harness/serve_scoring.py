@@ -9,6 +9,8 @@ Results are plain Python (`TokenScore`, lists of floats), ready for harness/open
 """
 from __future__ import annotations
 
+import functools
+import re
 from typing import Sequence
 
 import torch
@@ -25,8 +27,60 @@ _HEAD_ROWS = 1024        # positions per vocabulary-head matmul: bounds the [N, 
 
 
 def token_piece(lm, token_id: int) -> str:
-    """A token's text, as the responses show it (`piece` in harness/openai_api.py)."""
+    """A token's text, as the responses show it (`piece` in harness/openai_api.py). A token that
+    holds part of a UTF-8 character shows as U+FFFD; `token_bytes` has its real bytes."""
     return lm.decode([token_id])
+
+
+_SP_BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def token_bytes(lm, token_id: int) -> bytes:
+    """A token's own bytes (OpenAI's logprobs "bytes", which a client joins across tokens to rebuild
+    characters split between them): tiktoken's bytes; for a `tokenizers` vocabulary its piece read
+    through the byte-level alphabet (GPT-2, SmolLM2, Qwen) or as SentencePiece ("▁" a space,
+    "<0xNN>" one byte: Llama 2, Gemma); the decoded text's UTF-8 for anything else."""
+    tok = lm.tokenizer
+    encoding = getattr(tok, "encoding", None)
+    if encoding is not None and hasattr(encoding, "decode_single_token_bytes"):
+        try:
+            return encoding.decode_single_token_bytes(token_id)
+        except KeyError:
+            return b""
+    backend = getattr(tok, "backend", None)
+    piece = backend.id_to_token(token_id) if backend is not None else None
+    if piece is None:
+        return lm.decode([token_id]).encode("utf-8")
+    if token_id in _special_ids(backend):
+        return piece.encode("utf-8")
+    from tokenizers import decoders
+    if isinstance(backend.decoder, decoders.ByteLevel):
+        table = _byte_level_decoder()
+        return b"".join(bytes([table[c]]) if c in table else c.encode("utf-8") for c in piece)
+    byte = _SP_BYTE.fullmatch(piece)
+    return bytes([int(byte.group(1), 16)]) if byte else piece.replace("▁", " ").encode("utf-8")
+
+
+def _special_ids(backend) -> set[int]:
+    ids = getattr(backend, "_harness_special_ids", None)
+    if ids is None:
+        ids = {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
+        try:
+            backend._harness_special_ids = ids
+        except AttributeError:   # a Rust object without a __dict__
+            pass
+    return ids
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_level_decoder() -> dict[str, int]:
+    """The byte-level BPE alphabet (GPT-2's): each byte spelled as one printable character, bytes
+    that print as themselves first, the rest from U+0100 upward, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    extra = (b for b in range(256) if b not in printable)
+    table = {chr(b): b for b in printable}
+    table.update({chr(256 + n): b for n, b in enumerate(extra)})
+    return table
 
 
 def _scores(logprobs: torch.Tensor, targets: Sequence[int], top_k: int) -> list[TokenScore]:

@@ -580,9 +580,10 @@ def make_transport(lm):
         tokens, scores, finish, text = _generate(lm, ids, req.sampling, room(len(ids), req.sampling,
                                                                              served.context_length),
                                                  req.top_logprobs)
-        piece = lambda i: lm.decode([i])  # noqa: E731
+        from harness.serve_scoring import token_bytes, token_piece
+        piece, raw = (lambda i: token_piece(lm, i)), (lambda i: token_bytes(lm, i))
         if not req.stream:
-            lp = chat_logprobs(scores, piece, req.top_logprobs) if req.logprobs else None
+            lp = chat_logprobs(scores, piece, req.top_logprobs, raw) if req.logprobs else None
             return chat_completion(req, text, finish, usage(len(ids), len(tokens)), logprobs=lp,
                                    fingerprint=served.fingerprint)
         rid, created = new_id("chatcmpl"), 1700000002
@@ -590,7 +591,7 @@ def make_transport(lm):
         for k, s in enumerate(scores):
             delta = lm.decode(tokens[:k + 1])[len(lm.decode(tokens[:k])):]
             events.append(chat_chunk(req, rid, created, content=delta,
-                                     logprobs=chat_logprobs([s], piece, req.top_logprobs) if req.logprobs else None))
+                                     logprobs=chat_logprobs([s], piece, req.top_logprobs, raw) if req.logprobs else None))
         events.append(chat_chunk(req, rid, created, finish_reason=finish))
         if req.include_usage:
             events.append(chat_usage_chunk(req, rid, created, usage(len(ids), len(tokens))))
@@ -669,3 +670,51 @@ def test_sdk_models_and_errors(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.embeddings.create(model="tiny", input="x", dimensions=3)
     assert e.value.param == "dimensions"
+
+
+MIXED = "héllo — 日本語 <|im_end|> end"
+
+
+def check_token_bytes(lm):
+    from harness.serve_scoring import token_bytes, token_piece
+    ids = lm.tokenizer.encode(MIXED)
+    raw = [token_bytes(lm, i) for i in ids]
+    assert b"".join(raw).decode("utf-8") == MIXED
+    assert any(b"\xef\xbf\xbd" in token_piece(lm, i).encode() for i in ids)      # split characters
+    lp = chat_logprobs([TokenScore(i, -1.0, ((i, -1.0),)) for i in ids], lambda i: token_piece(lm, i), 1,
+                       lambda i: token_bytes(lm, i))
+    ChatCompletion.model_validate(chat_completion(chat(), MIXED, "stop", usage(1, len(ids)), logprobs=lp))
+    assert bytes(b for t in lp["content"] for b in t["bytes"]).decode("utf-8") == MIXED
+    assert lp["content"][0]["top_logprobs"][0]["bytes"] == list(raw[0])
+
+
+def test_token_bytes_rebuild_split_characters_tiktoken():
+    from models.registry import load_lm
+    check_token_bytes(load_lm("gpt-tiny", progress=False))
+
+
+def test_token_bytes_rebuild_split_characters_byte_level_gguf(smollm2_lm):
+    check_token_bytes(smollm2_lm)
+
+
+def test_token_bytes_rebuild_split_characters_sentencepiece():
+    """A small SentencePiece vocabulary as a GGUF holds one (byte-fallback pieces <0xNN>, ▁ spaces):
+    characters missing from it are spelled byte by byte, which token_bytes returns."""
+    from types import SimpleNamespace
+
+    from harness.serve_scoring import token_bytes
+    from models.sp_tokenizer import sp_tokenizer
+    pieces = ["\u2581", "h", "e", "l", "o", "\u2581h", "he", "ll", "llo", "\u2581hello", "é", "日"]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    types = [2, 3, 3] + [6] * 256 + [1] * len(pieces)
+    scores = [0.0] * (3 + 256) + [-float(i) for i in range(len(pieces))]
+    tok = sp_tokenizer({"general.architecture": "llama", "tokenizer.ggml.tokens": tokens,
+                        "tokenizer.ggml.scores": scores, "tokenizer.ggml.token_type": types,
+                        "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
+                        "tokenizer.ggml.unknown_token_id": 0})
+    lm = SimpleNamespace(tokenizer=tok, decode=tok.decode)
+    text = "hello 日本 é"
+    ids = tok.encode(text)
+    assert len(ids) > len(text.split())                       # 本 and the spaces fall back to bytes
+    assert b"".join(token_bytes(lm, i) for i in ids) == (" " + text).encode("utf-8")   # Metaspace's prefix
+    assert token_bytes(lm, 2) == b"</s>"
