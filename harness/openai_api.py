@@ -658,7 +658,8 @@ def completion(req: CompletionRequest, choices: Sequence[CompletionChoice], usag
 def completion_chunk(req: CompletionRequest, rid: str, created: int, text: str, *,
                      finish_reason: str | None = None, logprobs: dict | None = None, fingerprint: str = "") -> dict:
     """One streamed /v1/completions chunk (the same object as the answer, with a piece of text;
-    finish_reason on the last one). With include_usage, "usage": null until `completion_usage_chunk`."""
+    finish_reason on the last one; under echo the first chunk carries the prompt text and its
+    logprobs). With include_usage, "usage": null until `completion_usage_chunk`."""
     out = {**_header("text_completion", rid, req.model, created, fingerprint),
            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
     if req.include_usage:

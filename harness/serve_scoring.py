@@ -116,7 +116,9 @@ def prompt_logprobs(lm, ids: Sequence[int], top_k: int = 0) -> list[TokenScore]:
 class LogprobRecorder:
     """`on_logits` for models/generate.py's generate_tokens: keeps each step's log-prob of the token
     picked and the top_k alternatives, per row. `scores(row, n)`: the first n (the row's generated
-    tokens; a step that picked EOS, or ran after the row ended, is dropped that way)."""
+    tokens; a step that picked EOS, or ran after the row ended, is dropped that way). on_logits runs
+    before should_stop, so a streaming server's should_stop(row, tokens) finds the newest token's
+    score in `latest(row)`."""
 
     def __init__(self, top_k: int = 0):
         self.top_k = top_k
@@ -124,6 +126,9 @@ class LogprobRecorder:
 
     def __call__(self, logits: torch.Tensor, next_ids: torch.Tensor) -> None:
         self.steps.append(_scores(logits.float().log_softmax(-1), next_ids.tolist(), self.top_k))
+
+    def latest(self, row: int = 0) -> TokenScore:
+        return self.steps[-1][row]
 
     def scores(self, row: int = 0, n: int | None = None) -> list[TokenScore]:
         steps = self.steps if n is None else self.steps[:n]

@@ -15,17 +15,46 @@ import struct
 
 import pytest
 
-from harness.openai_api import (ApiError, ChatRequest, CompletionChoice, JsonFormat, ServedModel, TokenScore,
-                                chat_chunk, chat_completion, chat_logprobs, chat_prompt, chat_usage_chunk,
-                                completion, completion_chunk, completion_logprobs, completion_usage_chunk,
-                                context_error, embeddings, encode_embedding, error_body, fingerprint,
-                                model_not_found, model_object, models_list, new_id, not_found, parse_chat,
-                                parse_completion, parse_embeddings, parse_json, parse_response_format, room,
-                                server_error, sse, usage)
+from harness.openai_api import (
+    ApiError,
+    ChatRequest,
+    CompletionChoice,
+    JsonFormat,
+    ServedModel,
+    TokenScore,
+    chat_chunk,
+    chat_completion,
+    chat_logprobs,
+    chat_prompt,
+    chat_usage_chunk,
+    completion,
+    completion_chunk,
+    completion_logprobs,
+    completion_usage_chunk,
+    context_error,
+    embeddings,
+    encode_embedding,
+    error_body,
+    fingerprint,
+    model_not_found,
+    model_object,
+    models_list,
+    new_id,
+    not_found,
+    parse_chat,
+    parse_completion,
+    parse_embeddings,
+    parse_json,
+    parse_response_format,
+    room,
+    server_error,
+    sse,
+    usage,
+)
 
 openai = pytest.importorskip("openai")
-from openai.types import Completion, CreateEmbeddingResponse, Model  # noqa: E402
-from openai.types.chat import ChatCompletion, ChatCompletionChunk  # noqa: E402
+from openai.types import Completion, CreateEmbeddingResponse, Model
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 SERVED = ServedModel(id="tiny:latest", context_length=256, vocab_size=1000, embedding_dim=64, created=1700000000,
                      fingerprint=fingerprint("abc", "float32/cpu"))
@@ -97,7 +126,8 @@ def test_parse_chat_defaults():
 
 def test_parse_chat_fields():
     req = chat(messages=[{"role": "developer", "content": "Be brief."},
-                         {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]},
+                         {"role": "user", "content": [{"type": "text", "text": "Hi "},
+                                                      {"type": "text", "text": "there"}]},
                          {"role": "assistant", "content": None},
                          {"role": "user", "content": "?", "name": "bob"}],
                stream=True, stream_options={"include_usage": True}, stop="\n", seed=7, temperature=0.5,
@@ -472,9 +502,10 @@ def test_generated_logprobs_equal_a_plain_forward(lm):
 
 
 def test_on_logits_hook_changes_nothing(lm):
+    import torch
+
     from harness.serve_scoring import LogprobRecorder
     from models.generate import generate_tokens
-    import torch
     prompts = [lm.encode("Hello"), lm.encode("A much longer prompt than that")]
     plain = generate_tokens(lm.model, prompts, max_new_tokens=6, eos_ids=[], temperature=1.0,
                             generator=torch.Generator().manual_seed(1))
@@ -483,6 +514,7 @@ def test_on_logits_hook_changes_nothing(lm):
                              generator=torch.Generator().manual_seed(1), on_logits=rec)
     assert hooked == plain and len(rec.steps) == 6
     assert [s.id for s in rec.scores(1)] == hooked[1] and all(s.top == () for s in rec.scores(0))
+    assert rec.latest(1) == rec.scores(1)[-1]
 
 
 def test_embeddings_are_unit_deterministic_and_padding_invariant(lm):
@@ -556,6 +588,7 @@ def answer_completion(lm, served, req):
 def make_transport(lm):
     """An in-memory OpenAI server over the parse/build functions (what the real routes do)."""
     import httpx2
+
     from harness.serve_scoring import embed
     served = served_for(lm)
 
@@ -590,8 +623,8 @@ def make_transport(lm):
         events = [chat_chunk(req, rid, created, role=True)]
         for k, s in enumerate(scores):
             delta = lm.decode(tokens[:k + 1])[len(lm.decode(tokens[:k])):]
-            events.append(chat_chunk(req, rid, created, content=delta,
-                                     logprobs=chat_logprobs([s], piece, req.top_logprobs, raw) if req.logprobs else None))
+            lp = chat_logprobs([s], piece, req.top_logprobs, raw) if req.logprobs else None
+            events.append(chat_chunk(req, rid, created, content=delta, logprobs=lp))
         events.append(chat_chunk(req, rid, created, finish_reason=finish))
         if req.include_usage:
             events.append(chat_usage_chunk(req, rid, created, usage(len(ids), len(tokens))))
