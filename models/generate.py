@@ -51,11 +51,14 @@ def generate_tokens(
     generator: torch.Generator | None = None,
     should_stop: Callable[[int, list[int]], bool] | None = None,
     constraints: Sequence[RowConstraint | None] | None = None,
+    on_logits: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> list[list[int]]:
     """New tokens for each prompt (EOS excluded). `should_stop(row, tokens)` lets the caller end a
     row early, e.g. on a stop string. `constraints[row]` (None: free) restricts what the row may
     sample to what a grammar allows (models/constrained.py); the row ends when the grammar is
-    complete."""
+    complete. `on_logits(logits, next_ids)` sees each step's fp32 logits [B, V] (before
+    temperature, after any grammar mask) and the ids picked [B], before should_stop: step k of row
+    i made that row's k-th token (harness/serve_scoring.py's log-probs)."""
     device = model.tok_emb.weight.device
     B, lengths = len(prompts), [len(p) for p in prompts]
     width = max(lengths)
@@ -89,6 +92,8 @@ def generate_tokens(
                 if c is not None and not done[i]:
                     c.mask_(logits[i])
         nxt = sample_next(logits, temperature, top_k, top_p, generator)
+        if on_logits is not None:
+            on_logits(logits, nxt)
         done |= torch.isin(nxt, eos)
         for i, t in enumerate(nxt.tolist()):
             if not done[i]:
