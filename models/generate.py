@@ -58,7 +58,7 @@ def generate_tokens(
     sample to what a grammar allows (models/constrained.py); the row ends when the grammar is
     complete. `on_logits(logits, next_ids)` sees each step's fp32 logits [B, V] (before
     temperature, after any grammar mask) and the ids picked [B], before should_stop: step k of row
-    i made that row's k-th token (harness/serve_scoring.py's log-probs)."""
+    i made that row's k-th token (harness/serve/scoring.py's log-probs)."""
     device = model.tok_emb.weight.device
     B, lengths = len(prompts), [len(p) for p in prompts]
     width = max(lengths)

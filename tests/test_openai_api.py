@@ -1,4 +1,4 @@
-"""harness.openai_api (the OpenAI API as data) and harness.serve_scoring (the log-probs and
+"""harness.serve.openai_api (the OpenAI API as data) and harness.serve.scoring (the log-probs and
 embeddings behind it), without HTTP: every parse function on good and bad bodies; every builder's
 output parsed by the real `openai` package's types; the real `openai` client talking to the parse
 and build functions through an in-memory transport (httpx's MockTransport: no socket), streaming
@@ -15,7 +15,7 @@ import struct
 
 import pytest
 
-from harness.openai_api import (
+from harness.serve.openai_api import (
     ApiError,
     ChatRequest,
     CompletionChoice,
@@ -440,7 +440,7 @@ PAIRS = [("The quick brown", " fox jumps over"), ("Question: 2+2=", " 4"), ("", 
 
 
 def test_prompt_logprobs_sum_to_loglikelihood(lm):
-    from harness.serve_scoring import prompt_logprobs
+    from harness.serve.scoring import prompt_logprobs
     expected = lm.loglikelihood(PAIRS)
     for (context, continuation), want in zip(PAIRS, expected):
         ctx, cont = lm._encode_pair(context, continuation)
@@ -459,7 +459,7 @@ def test_prompt_logprobs_sum_to_loglikelihood(lm):
 
 
 def test_prompt_logprobs_edges(lm):
-    from harness.serve_scoring import prompt_logprobs
+    from harness.serve.scoring import prompt_logprobs
     assert prompt_logprobs(lm, []) == []
     assert prompt_logprobs(lm, [5]) == [TokenScore(5, None, ())]
     assert all(s.top == () for s in prompt_logprobs(lm, [5, 6, 7]))
@@ -480,13 +480,13 @@ def test_lm_evals_local_completions_scores_through_the_api_as_in_process(lm):
         assert out["choices"][0]["logprobs"]["token_logprobs"][0] is None
         (got, greedy), = LocalCompletionsAPI.parse_logprobs(out, tokens=[ctx + cont], ctxlens=[len(ctx)])
         assert got == pytest.approx(want, abs=1e-4)
-        from harness.serve_scoring import prompt_logprobs
+        from harness.serve.scoring import prompt_logprobs
         argmax = all(s.id == s.top[0][0] for s in prompt_logprobs(lm, ctx + cont, 1)[len(ctx):])
         assert greedy == argmax
 
 
 def test_generated_logprobs_equal_a_plain_forward(lm):
-    from harness.serve_scoring import generate_with_logprobs, prompt_logprobs
+    from harness.serve.scoring import generate_with_logprobs, prompt_logprobs
     ids = lm.encode("Once upon a time")
     for kw in ({}, {"temperature": 1.0, "seed": 3}, {"temperature": 0.7, "top_p": 0.9, "sample_top_k": 20, "seed": 9}):
         tokens, scores = generate_with_logprobs(lm, ids, max_new_tokens=8, top_k=4, **kw)
@@ -503,7 +503,7 @@ def test_generated_logprobs_equal_a_plain_forward(lm):
 def test_on_logits_hook_changes_nothing(lm):
     import torch
 
-    from harness.serve_scoring import LogprobRecorder
+    from harness.serve.scoring import LogprobRecorder
     from models.generate import generate_tokens
     prompts = [lm.encode("Hello"), lm.encode("A much longer prompt than that")]
     plain = generate_tokens(lm.model, prompts, max_new_tokens=6, eos_ids=[], temperature=1.0,
@@ -517,7 +517,7 @@ def test_on_logits_hook_changes_nothing(lm):
 
 
 def test_embeddings_are_unit_deterministic_and_padding_invariant(lm):
-    from harness.serve_scoring import EMBEDDING_POOLING, POOLINGS, embed, embedding_dim
+    from harness.serve.scoring import EMBEDDING_POOLING, POOLINGS, embed, embedding_dim
     assert EMBEDDING_POOLING in POOLINGS
     texts = ["hello world", "a considerably longer text that pads the others in its batch", "x"]
     batched = embed(lm, texts)
@@ -543,14 +543,14 @@ def test_embeddings_are_unit_deterministic_and_padding_invariant(lm):
 # ----------------------------------------------------------------------------- the real client, in memory
 
 def served_for(lm) -> ServedModel:
-    from harness.serve_scoring import embedding_dim
+    from harness.serve.scoring import embedding_dim
     return ServedModel(id="tiny:latest", context_length=lm.max_length, vocab_size=lm.model.config.vocab_size,
                        embedding_dim=embedding_dim(lm), created=1700000000, fingerprint=fingerprint("tiny"))
 
 
 def _generate(lm, ids, sampling, n, top_k):
     """(tokens, their TokenScores, finish_reason, text) with the stop strings applied."""
-    from harness.serve_scoring import generate_with_logprobs
+    from harness.serve.scoring import generate_with_logprobs
     from models.protocol import cut_at_stop
     stop = sampling.stop
     tokens, scores = [], []
@@ -565,7 +565,7 @@ def _generate(lm, ids, sampling, n, top_k):
 
 
 def answer_completion(lm, served, req):
-    from harness.serve_scoring import prompt_logprobs
+    from harness.serve.scoring import prompt_logprobs
     choices, n_prompt, n_gen = [], 0, 0
     for p in req.prompts:
         ids = (lm.encode(p) if isinstance(p, str) else list(p)) or [lm.prefix_token]
@@ -598,7 +598,7 @@ def make_transport(lm):
     """An in-memory OpenAI server over the parse/build functions (what the real routes do)."""
     httpx2 = _httpx()
 
-    from harness.serve_scoring import embed
+    from harness.serve.scoring import embed
     served = served_for(lm)
 
     def handle(request):
@@ -622,7 +622,7 @@ def make_transport(lm):
         tokens, scores, finish, text = _generate(lm, ids, req.sampling, room(len(ids), req.sampling,
                                                                              served.context_length),
                                                  req.top_logprobs)
-        from harness.serve_scoring import token_bytes, token_piece
+        from harness.serve.scoring import token_bytes, token_piece
         piece, raw = (lambda i: token_piece(lm, i)), (lambda i: token_bytes(lm, i))
         if not req.stream:
             lp = chat_logprobs(scores, piece, req.top_logprobs, raw) if req.logprobs else None
@@ -690,7 +690,7 @@ def test_sdk_completions_and_echo(client, lm):
 
 
 def test_sdk_embeddings_base64_by_default(client, lm):
-    from harness.serve_scoring import embed
+    from harness.serve.scoring import embed
     r = client.embeddings.create(model="tiny", input=["hello", "world"])     # the SDK asks for base64
     want = embed(lm, ["hello", "world"])
     assert close([d.embedding for d in r.data], want, 1e-6)
@@ -718,7 +718,7 @@ MIXED = "héllo — 日本語 <|im_end|> end"
 
 
 def check_token_bytes(lm):
-    from harness.serve_scoring import token_bytes, token_piece
+    from harness.serve.scoring import token_bytes, token_piece
     ids = lm.tokenizer.encode(MIXED)
     raw = [token_bytes(lm, i) for i in ids]
     assert b"".join(raw).decode("utf-8") == MIXED
@@ -744,7 +744,7 @@ def test_token_bytes_rebuild_split_characters_sentencepiece():
     characters missing from it are spelled byte by byte, which token_bytes returns."""
     from types import SimpleNamespace
 
-    from harness.serve_scoring import token_bytes
+    from harness.serve.scoring import token_bytes
     from models.sp_tokenizer import sp_tokenizer
     pieces = ["\u2581", "h", "e", "l", "o", "\u2581h", "he", "ll", "llo", "\u2581hello", "é", "日"]
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces

@@ -247,7 +247,7 @@ class FailingEngine:
 
     def run(self, job, on_delta, cancelled=lambda: False):
         for _ in range(self.after):
-            on_delta("piece ")
+            on_delta("piece ", [])
         raise RuntimeError("the model broke")
 
 

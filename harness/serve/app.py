@@ -169,7 +169,7 @@ class Generation:
         except RuntimeError:   # the event loop is closed: the server stopped, nobody waits for this
             pass
 
-    def _on_delta(self, text: str) -> bool:
+    def _on_delta(self, text: str, scores: list) -> bool:
         if self.job.stream and not self.gone.is_set():
             self._put(("delta", text))
         return not self.gone.is_set()

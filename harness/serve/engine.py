@@ -23,6 +23,7 @@ import torch
 
 from harness.serve.ollama_api import (DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, Abandoned, ApiError, Job,
                                       ModelCard, Outcome)
+from harness.serve.scoring import LogprobRecorder
 from models.architectures import lookup
 from models.generate import generate_tokens
 from models.lm import cut_at_stop
@@ -76,7 +77,7 @@ class Engine:
     def prompt_text(self, job: Job) -> str:
         """The text the model continues: an incoming `context` (token ids of an earlier exchange) is
         decoded and put before the prompt, as Ollama does."""
-        if not job.context:
+        if not job.context or isinstance(job.prompt, tuple):
             return job.prompt
         vocab = self.lm.model.config.vocab_size
         bad = next((t for t in job.context if t >= vocab), None)
@@ -88,33 +89,62 @@ class Engine:
         return self.lm.decode(ids) + job.prompt
 
     def prompt_ids(self, job: Job, text: str | None = None) -> tuple[list[int], int]:
-        """(prompt token ids cut from the left to fit, the number of tokens that may follow)."""
+        """(prompt token ids cut from the left to fit, the number of tokens that may follow). A job's
+        prompt may be token ids already (OpenAI's token-id prompts)."""
         s = job.sampling
         ctx = max(2, min(s.num_ctx or self.default_num_ctx, self.lm.max_length))
         # keep room for the requested tokens (at most half the context) and at least one
         reserve = min(max(s.num_predict, 1), ctx // 2)
-        ids = self.lm.encode(job.prompt if text is None else text)[-(ctx - reserve):] or [self.lm.prefix_token]
+        source = job.prompt if text is None else text
+        ids = list(source) if isinstance(source, tuple) else self.lm.encode(source)
+        ids = ids[-(ctx - reserve):] or [self.lm.prefix_token]
         room = ctx - len(ids)
         return ids, room if s.num_predict < 0 else min(s.num_predict, room)
 
-    def run(self, job: Job, on_delta: Callable[[str], bool],
+    def constraint(self, job: Job):
+        """The compiled grammar for job.schema (None: free text); a schema constrained decoding
+        cannot enforce is the client's error (400)."""
+        if job.schema is None:
+            return None
+        from models.constrained import Constraint, SchemaError
+        try:
+            return Constraint.schema(self.lm, job.schema)
+        except SchemaError as e:
+            raise ApiError(400, str(e)) from None
+
+    def call(self, fn: Callable):
+        """fn(lm) on the model, between generations (embeddings, prompt log-probs): the engine is the
+        one owner of the weights and the tokenizer."""
+        with self.lock:
+            return fn(self.lm)
+
+    def run(self, job: Job, on_delta: Callable[[str, list], bool],
             cancelled: Callable[[], bool] = lambda: False) -> Outcome:
-        """Generate for `job`, calling on_delta(text) with each settled piece of text. `cancelled()`
-        is asked once the model is ours (a request that waited its turn may be gone already) and
-        after every decode step, before that step's text is handed out: a write into a socket the
-        peer closed often succeeds, so on_delta alone may notice a step or more late, and a
-        non-streamed request writes nothing until the end. Raises Abandoned when on_delta returned
+        """Generate for `job`, calling on_delta(text, scores) with each settled piece of text and the
+        TokenScores of the tokens generated since the previous call ([] unless job.logprobs).
+        `cancelled()` is asked once the model is ours (a request that waited its turn may be gone
+        already) and after every decode step, before that step's text is handed out: a write into a
+        socket the peer closed often succeeds, so on_delta alone may notice a step or more late, and
+        a non-streamed request writes nothing until the end. Raises Abandoned when on_delta returned
         False or cancelled() True; the model is free again within one decode step."""
         s = job.sampling
         decoder = StreamDecoder(self.lm.decode, s.stop)
-        aborted, first_token_at = False, []
+        recorder = LogprobRecorder(job.logprobs) if job.logprobs is not None else None
+        aborted, first_token_at, sent_scores = False, [], [0]
+
+        def unsent_scores(n: int) -> list:
+            if recorder is None:
+                return []
+            out = recorder.scores(0, n)[sent_scores[0]:]
+            sent_scores[0] = n
+            return out
 
         def step(_row: int, tokens: list[int]) -> bool:
             nonlocal aborted
             if not first_token_at:
                 first_token_at.append(time.perf_counter_ns())
             delta = decoder.push(tokens)
-            aborted = cancelled() or bool(delta) and not on_delta(delta)
+            aborted = cancelled() or bool(delta) and not on_delta(delta, unsent_scores(len(tokens)))
             return aborted or decoder.stopped
 
         t_wait = time.perf_counter_ns()
@@ -124,6 +154,7 @@ class Engine:
             t_start = time.perf_counter_ns()
             prompt = self.prompt_text(job)
             ids, max_new = self.prompt_ids(job, prompt)
+            constraint = self.constraint(job)
             tokens: list[int] = []
             if max_new > 0:
                 generator = None
@@ -132,18 +163,20 @@ class Engine:
                 tokens = generate_tokens(self.lm.model, [ids], max_new_tokens=max_new,
                                          eos_ids=self.lm.stop_ids(), temperature=s.temperature,
                                          top_k=s.top_k, top_p=s.top_p, generator=generator,
-                                         should_stop=step)[0]
+                                         should_stop=step, on_logits=recorder,
+                                         constraints=None if constraint is None else [constraint.matcher()])[0]
             t_end = time.perf_counter_ns()
             text, rest = decoder.finish(tokens)
             context = self.lm.encode(prompt + text) if job.want_context else None
-        if aborted or rest and not on_delta(rest):
+        if aborted or rest and not on_delta(rest, unsent_scores(len(tokens))):
             raise Abandoned(len(tokens))
         hit_eos = not decoder.stopped and len(tokens) < max_new
         t_first = first_token_at[0] if first_token_at else t_end
         return Outcome(text=text, done_reason="stop" if decoder.stopped or hit_eos else "length",
                        prompt_eval_count=len(ids), eval_count=len(tokens) + int(hit_eos),
                        load_duration=t_start - t_wait, prompt_eval_duration=t_first - t_start,
-                       eval_duration=t_end - t_first, context=context)
+                       eval_duration=t_end - t_first, context=context, tokens=tokens,
+                       scores=recorder.scores(0, len(tokens)) if recorder is not None else None)
 
 
 # ----------------------------------------------------------------------------- metadata

@@ -77,12 +77,14 @@ class Sampling:
 class Job:
     endpoint: str                  # "chat" | "generate"
     model: str                     # as the client spelled it (echoed back, like Ollama)
-    prompt: str | None             # the text the model continues; None: empty request ("load")
+    prompt: str | tuple[int, ...] | None   # the text (or token ids) the model continues; None: "load"
     stream: bool
     sampling: Sampling = field(default_factory=Sampling)
     context: tuple[int, ...] = ()  # /api/generate: token ids of an earlier exchange, before the prompt
     want_context: bool = False     # /api/generate without raw: the final chunk carries `context`
     unload: bool = False           # keep_alive 0: a request with nothing to generate answers "unload"
+    schema: dict | None = None     # the output must be JSON matching this schema (format / response_format)
+    logprobs: int | None = None    # record each generated token's log-prob and this many alternatives
 
 
 def parse_json(raw: bytes) -> dict:
@@ -436,6 +438,8 @@ class Outcome:
     eval_duration: int             # every later token
     total_duration: int = 0
     context: list[int] | None = None   # token ids of prompt + response (Job.want_context)
+    tokens: list[int] = field(default_factory=list)   # the generated ids (EOS excluded)
+    scores: list | None = None     # Job.logprobs: a TokenScore (harness.serve.openai_api) per generated token
 
 
 def chunk(job: Job, text: str, done: bool = False) -> dict:

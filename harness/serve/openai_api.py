@@ -1,7 +1,7 @@
 """The OpenAI REST API as data: request bodies -> validated requests, and the response objects, in
 the shapes of the `openai` package's types (tests/test_openai_api.py parses every builder's output
 with them). No HTTP and no torch here, like harness/ollama_api.py; the server does the I/O and the
-model work (harness/serve_scoring.py: log-probs and embeddings).
+model work (harness/serve/scoring.py: log-probs and embeddings).
 
 Endpoints and what a request may carry (unknown fields are accepted and ignored, as OpenAI does):
   /v1/chat/completions  model, messages [{role, content}] (content a string or text parts), stream,
@@ -555,7 +555,7 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 class TokenScore:
     """One token's log-probability and the most likely alternatives at its position (ids, most
     likely first). logprob None: nothing predicts it (a prompt's first token). Made by
-    harness/serve_scoring.py; `piece(id)` turns ids into text for the responses."""
+    harness/serve/scoring.py; `piece(id)` turns ids into text for the responses."""
     id: int
     logprob: float | None
     top: tuple[tuple[int, float], ...] = ()
@@ -569,7 +569,7 @@ def chat_logprobs(scores: Sequence[TokenScore], piece: Callable[[int], str], top
                   raw: Callable[[int], bytes] | None = None) -> dict:
     """choices[].logprobs of a chat completion (or of one chunk): {"content": [{token, logprob, bytes,
     top_logprobs: [{token, logprob, bytes}]}], "refusal": None}. bytes: raw(id) (the token's own
-    bytes: harness.serve_scoring.token_bytes), else the UTF-8 of its text."""
+    bytes: harness.serve.scoring.token_bytes), else the UTF-8 of its text."""
     def entry(tid: int, lp: float) -> dict:
         text = piece(tid)
         return {"token": text, "logprob": _finite(lp),
