@@ -1,10 +1,10 @@
-"""The torch side of `harness.serve`: one loaded TorchLM, generation serialized by a lock, streamed
-as text deltas through `generate_tokens`' per-token callback; and the served model's metadata.
+"""The torch side of `harness.serve`: one loaded TorchLM whose thread decodes concurrent requests in
+one batch (models/batching.py), streamed as text deltas; and the served model's metadata.
 
-    engine = Engine(lm, default_num_ctx=4096)
-    outcome = engine.run(job, on_delta=lambda text: True, cancelled=lambda: False)
-    # False from on_delta, or True from cancelled (polled before prefill and after each decode step),
-    # stops the generation and raises Abandoned: the client went away
+    engine = Engine(lm, default_num_ctx=4096, max_batch=8)
+    outcome = engine.run(job, on_delta=lambda text, scores: True, cancelled=lambda: False)
+    # False from on_delta, or True from cancelled (polled while waiting, at joining and after each
+    # decode step), stops the generation and raises Abandoned: the client went away
 
 A request's text equals `TorchLM.generate` on the same prompt and options: same encoding, same
 sampler, same stop-string cut. A job's `context` (token ids of an earlier exchange) is decoded and
@@ -12,20 +12,18 @@ put before its prompt; with `want_context` the outcome carries the ids of prompt
 """
 from __future__ import annotations
 
-import hashlib
+import queue
 import threading
 import time
-from datetime import datetime, timezone
-from pathlib import Path
+from collections import deque
 from typing import Callable, Sequence
 
 import torch
 
-from harness.serve.ollama_api import (DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, Abandoned, ApiError, Job,
-                                      ModelCard, Outcome)
+from harness.serve.card import describe_model  # noqa: F401  (its home before card.py)
+from harness.serve.ollama_api import Abandoned, ApiError, Job, Outcome
 from harness.serve.scoring import LogprobRecorder
-from models.architectures import lookup
-from models.generate import generate_tokens
+from models.batching import BatchDecoder, Row
 from models.lm import cut_at_stop
 
 
@@ -65,14 +63,63 @@ class StreamDecoder:
         return text, text[self.sent:]
 
 
-class Engine:
-    """The one served model. Requests take turns (a lock): the weights are shared and a CPU is
-    saturated by one decode anyway, so batching would add complexity for little."""
+class _Request:
+    """One run() (or call()) on its way through the model thread; its caller waits on `done`."""
 
-    def __init__(self, lm, default_num_ctx: int = 4096):
+    def __init__(self, job: Job | None, on_delta, cancelled, fn: Callable | None = None):
+        self.job, self.on_delta, self.cancelled, self.fn = job, on_delta, cancelled, fn
+        self.done = threading.Event()
+        self.outcome: Outcome | None = None
+        self.error: BaseException | None = None
+        self.t_wait = time.perf_counter_ns()
+        self.t_start = self.t_first = 0
+        self.aborted, self.sent_scores, self.recorder = False, 0, None
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.done.set()
+
+    def wait(self):
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.outcome
+
+    def unsent(self, n: int) -> list:
+        """The TokenScores of tokens [sent, n) ([] without job.logprobs)."""
+        if self.recorder is None:
+            return []
+        out = self.recorder.scores(0, n)[self.sent_scores:]
+        self.sent_scores = n
+        return out
+
+
+class Engine:
+    """The one served model, owned by one scheduler thread; run() and call() hand it work and wait.
+
+    Concurrent requests decode together (models/batching.py): a request joins the batch between two
+    decode steps (its prompt prefilled alone), every step gives each active row one token, and a row
+    that ends (EOS, a stop string, its limit, a client that left) leaves at once, freeing its slot
+    for a waiting request. A decode step of n rows costs little more than one of one row (the
+    weights are read once per step either way), so n clients are answered ~n times faster than in
+    turns, and each still gets exactly the text it gets alone. One thread owns the model and the
+    tokenizer, so nothing else needs a lock; on_delta and cancelled run on that thread, which is why
+    they must not block (app.Generation's only queue an item and read an Event).
+    `max_batch=1` serves requests in turns through the same code (the serial baseline of
+    bench/serve_speed.py). An exception inside a decode step fails every row of that step."""
+
+    def __init__(self, lm, default_num_ctx: int = 4096, max_batch: int = 8):
+        if max_batch < 1:
+            raise ValueError(f"max_batch={max_batch}: expected at least 1 (1 serves requests in turns)")
         self.lm = lm
-        self.lock = threading.Lock()
         self.default_num_ctx = default_num_ctx
+        self.max_batch = max_batch
+        self.batch = BatchDecoder(lm.model, lm.stop_ids(), max_batch)
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.waiting: deque[_Request] = deque()
+        self.active: dict[Row, _Request] = {}
+        self.thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self.thread.start()
 
     def prompt_text(self, job: Job) -> str:
         """The text the model continues: an incoming `context` (token ids of an earlier exchange) is
@@ -113,150 +160,135 @@ class Engine:
             raise ApiError(400, str(e)) from None
 
     def call(self, fn: Callable):
-        """fn(lm) on the model, between generations (embeddings, prompt log-probs): the engine is the
-        one owner of the weights and the tokenizer."""
-        with self.lock:
+        """fn(lm) on the model thread, between two decode steps (embeddings, prompt log-probs): that
+        thread is the one owner of the weights and the tokenizer."""
+        if threading.current_thread() is self.thread:
             return fn(self.lm)
+        req = _Request(None, None, None, fn)
+        self.inbox.put(req)
+        return req.wait()
 
     def run(self, job: Job, on_delta: Callable[[str, list], bool],
             cancelled: Callable[[], bool] = lambda: False) -> Outcome:
         """Generate for `job`, calling on_delta(text, scores) with each settled piece of text and the
         TokenScores of the tokens generated since the previous call ([] unless job.logprobs).
-        `cancelled()` is asked once the model is ours (a request that waited its turn may be gone
-        already) and after every decode step, before that step's text is handed out: a write into a
-        socket the peer closed often succeeds, so on_delta alone may notice a step or more late, and
-        a non-streamed request writes nothing until the end. Raises Abandoned when on_delta returned
-        False or cancelled() True; the model is free again within one decode step."""
-        s = job.sampling
-        decoder = StreamDecoder(self.lm.decode, s.stop)
-        recorder = LogprobRecorder(job.logprobs) if job.logprobs is not None else None
-        aborted, first_token_at, sent_scores = False, [], [0]
+        `cancelled()` is asked while the job waits for a slot, when it joins, and after every decode
+        step, before that step's text is handed out: a write into a socket the peer closed often
+        succeeds, so on_delta alone may notice a step or more late, and a non-streamed request writes
+        nothing until the end. Raises Abandoned when on_delta returned False or cancelled() True; the
+        row leaves the batch within one decode step. Blocks the calling thread until done."""
+        req = _Request(job, on_delta, cancelled)
+        self.inbox.put(req)
+        return req.wait()
 
-        def unsent_scores(n: int) -> list:
-            if recorder is None:
-                return []
-            out = recorder.scores(0, n)[sent_scores[0]:]
-            sent_scores[0] = n
-            return out
+    # ------------------------------------------------------------------ the model thread
 
-        def step(_row: int, tokens: list[int]) -> bool:
-            nonlocal aborted
-            if not first_token_at:
-                first_token_at.append(time.perf_counter_ns())
-            delta = decoder.push(tokens)
-            aborted = cancelled() or bool(delta) and not on_delta(delta, unsent_scores(len(tokens)))
-            return aborted or decoder.stopped
+    def _loop(self) -> None:
+        while True:
+            try:
+                if not self.active and not self.waiting:
+                    self.batch.reset()                    # idle: free the cache's memory
+                    self.waiting.append(self.inbox.get())
+                while not self.inbox.empty():
+                    self.waiting.append(self.inbox.get())
+                self._admit()
+                if self.active:
+                    self._step()
+            except BaseException as e:   # a fault here must answer every waiting run(), not hang it
+                failed = [*self.active.values(), *self.waiting]
+                self.active.clear()
+                self.waiting.clear()
+                self.batch.reset()
+                for req in failed:
+                    req.fail(e)
 
-        t_wait = time.perf_counter_ns()
-        with self.lock:   # tokenizing inside too: one thread at a time touches the tokenizer
-            if cancelled():
-                raise Abandoned(0)
-            t_start = time.perf_counter_ns()
-            prompt = self.prompt_text(job)
-            ids, max_new = self.prompt_ids(job, prompt)
+    def _admit(self) -> None:
+        """Calls run now, in order; jobs join while slots are free; a waiting job whose client left
+        ends without starting."""
+        still: deque[_Request] = deque()
+        for req in self.waiting:
+            if req.fn is not None:
+                try:
+                    req.outcome = req.fn(self.lm)
+                    req.done.set()
+                except BaseException as e:
+                    req.fail(e)
+            elif req.cancelled():
+                req.fail(Abandoned(0))
+            elif self.batch.free:
+                self._join(req)
+            else:
+                still.append(req)
+        self.waiting = still
+
+    def _join(self, req: _Request) -> None:
+        req.t_start = time.perf_counter_ns()
+        job, s = req.job, req.job.sampling
+        try:
+            req.prompt = self.prompt_text(job)
+            req.ids, req.max_new = self.prompt_ids(job, req.prompt)
             constraint = self.constraint(job)
-            tokens: list[int] = []
-            if max_new > 0:
-                generator = None
-                if s.seed is not None:
-                    generator = torch.Generator(device=self.lm.device).manual_seed(s.seed)
-                tokens = generate_tokens(self.lm.model, [ids], max_new_tokens=max_new,
-                                         eos_ids=self.lm.stop_ids(), temperature=s.temperature,
-                                         top_k=s.top_k, top_p=s.top_p, generator=generator,
-                                         should_stop=step, on_logits=recorder,
-                                         constraints=None if constraint is None else [constraint.matcher()])[0]
-            t_end = time.perf_counter_ns()
-            text, rest = decoder.finish(tokens)
-            context = self.lm.encode(prompt + text) if job.want_context else None
-        if aborted or rest and not on_delta(rest, unsent_scores(len(tokens))):
-            raise Abandoned(len(tokens))
-        hit_eos = not decoder.stopped and len(tokens) < max_new
-        t_first = first_token_at[0] if first_token_at else t_end
-        return Outcome(text=text, done_reason="stop" if decoder.stopped or hit_eos else "length",
-                       prompt_eval_count=len(ids), eval_count=len(tokens) + int(hit_eos),
-                       load_duration=t_start - t_wait, prompt_eval_duration=t_first - t_start,
-                       eval_duration=t_end - t_first, context=context, tokens=tokens,
-                       scores=recorder.scores(0, len(tokens)) if recorder is not None else None)
+            req.decoder = StreamDecoder(self.lm.decode, s.stop)
+            req.recorder = LogprobRecorder(job.logprobs) if job.logprobs is not None else None
+            generator = None
+            if s.seed is not None:
+                generator = torch.Generator(device=self.lm.device).manual_seed(s.seed)
+            req.row = Row(req.ids, req.max_new, s.temperature, s.top_k, s.top_p, generator,
+                          None if constraint is None else constraint.matcher(),
+                          should_stop=lambda tokens: self._progress(req, tokens), on_logits=req.recorder)
+            self.batch.add(req.row)          # the prompt's prefill, alone; a failure is this job's
+        except BaseException as e:
+            req.fail(e)
+            return
+        if req.row.done:
+            self._finish(req)
+        else:
+            self.active[req.row] = req
 
+    def _step(self) -> None:
+        try:
+            finished = self.batch.step()
+        except BaseException as e:           # the batch cache is in an unknown state: every row fails
+            failed = list(self.active.values())
+            self.active.clear()
+            self.batch.reset()
+            for req in failed:
+                req.fail(e)
+            return
+        for row in finished:
+            self._finish(self.active.pop(row))
 
-# ----------------------------------------------------------------------------- metadata
+    def _progress(self, req: _Request, tokens: list[int]) -> bool:
+        """A row's should_stop: hand out its settled text; True ends the row."""
+        if not req.t_first:
+            req.t_first = time.perf_counter_ns()
+        try:
+            delta = req.decoder.push(tokens)
+            req.aborted = req.cancelled() or bool(delta) and not req.on_delta(delta, req.unsent(len(tokens)))
+        except Exception as e:               # this request's fault (a callback), not the model's
+            req.error = e
+            return True
+        return req.aborted or req.decoder.stopped
 
-def weights_files(source: str) -> list[Path]:
-    """The files holding a model's weights ([] for the registry's random-init test models)."""
-    from models.registry import MODELS, fetch
-    if source in MODELS:
-        if MODELS[source].kind == "init":
-            return []
-        path = fetch(source)
-    else:
-        path = Path(source).expanduser()
-    return [path] if path.is_file() else sorted(path.glob("*.safetensors"))
-
-
-def weights_digest(files: list[Path], fallback: str, known: dict[str, str] | None = None) -> str:
-    """sha256 hex of the weights file; of the files' digests, in order, for sharded folders. `known`:
-    digests load_model already computed ({path: sha256}), so a large file is not read twice."""
-    from models.download import sha256_file
-    if not files:
-        return hashlib.sha256(fallback.encode()).hexdigest()
-    digests = [(known or {}).get(str(f)) or sha256_file(f) for f in files]
-    return digests[0] if len(digests) == 1 else hashlib.sha256("".join(digests).encode()).hexdigest()
-
-
-def parameter_count(model) -> int:
-    unique = {p.data_ptr(): p.numel() for p in model.parameters()}
-    n = sum(unique.values())
-    if getattr(model.config, "tie_embeddings", False) and model.head is not None:
-        n -= model.head.weight.numel()   # the fp32 inference layout's copy of the tied embedding
-    return n
-
-
-def _human(n: int) -> str:
-    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
-
-
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat().replace("+00:00", "Z")
-
-
-def _gguf_quantization(path: Path) -> str | None:
-    import gguf
-
-    from models.gguf_meta import read_metadata
-    file_type = read_metadata(path).get("general.file_type")
-    try:
-        return gguf.LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_")
-    except (TypeError, ValueError):
-        return None
-
-
-def describe_model(lm, source: str, name: str, num_ctx: int) -> ModelCard:
-    """The served model's metadata for /api/tags, /api/show and /api/ps."""
-    cfg, model = lm.model.config, lm.model
-    files = weights_files(source)
-    arch = lookup(model.architecture)
-    family = arch.family   # Ollama names a model's family by its GGUF architecture
-    dtype = str(lm.info.get("dtype", "float32"))
-    fmt = "gguf" if files and files[0].suffix == ".gguf" else "safetensors" if files else "random-init"
-    quant = (_gguf_quantization(files[0]) if fmt == "gguf" else None) or {"bfloat16": "BF16"}.get(dtype, "F32")
-    n_params = parameter_count(model)
-    size = sum(f.stat().st_size for f in files) or sum(p.numel() * p.element_size() for p in model.parameters())
-    info = {
-        "general.architecture": family, "general.parameter_count": n_params,
-        f"{family}.context_length": cfg.context_length, f"{family}.embedding_length": cfg.d_model,
-        f"{family}.block_count": cfg.n_layers, f"{family}.attention.head_count": cfg.n_heads,
-        f"{family}.vocab_size": cfg.vocab_size, "tokenizer.ggml.eos_token_id": lm.eos_id,
-        "harness.source": source, "harness.dtype": dtype, "harness.device": str(lm.device),
-    }
-    info.update({f"{family}.{key}": value for key, value in arch.model_info(cfg).items()})
-    details = {"parent_model": "", "format": fmt, "family": family, "families": [family],
-               "parameter_size": _human(n_params), "quantization_level": quant}
-    ctx = min(num_ctx, cfg.context_length)
-    parameters = "\n".join(f"{k:<30} {v}" for k, v in
-                           (("num_ctx", ctx), ("temperature", DEFAULT_TEMPERATURE),
-                            ("top_k", DEFAULT_TOP_K), ("top_p", DEFAULT_TOP_P)))
-    return ModelCard(
-        name=name, digest=weights_digest(files, str(lm.info.get("checkpoint_sha", name)), lm.info.get("weights_sha256")), size=size,
-        modified_at=_iso(files[0].stat().st_mtime if files else time.time()), details=details,
-        model_info=info, template=lm.chat_template or "{{ .Prompt }}", parameters=parameters,
-        context_length=ctx, size_vram=size if lm.device.type == "cuda" else 0)
+    def _finish(self, req: _Request) -> None:
+        t_end = time.perf_counter_ns()
+        tokens = req.row.tokens
+        try:
+            if req.error is not None:
+                raise req.error
+            text, rest = req.decoder.finish(tokens)
+            context = self.lm.encode(req.prompt + text) if req.job.want_context else None
+            if req.aborted or rest and not req.on_delta(rest, req.unsent(len(tokens))):
+                raise Abandoned(len(tokens))
+        except BaseException as e:
+            req.fail(e)
+            return
+        stopped = req.decoder.stopped
+        hit_eos = not stopped and len(tokens) < req.max_new
+        t_first = req.t_first or t_end
+        req.outcome = Outcome(
+            text=text, done_reason="stop" if stopped or hit_eos else "length", prompt_eval_count=len(req.ids),
+            eval_count=len(tokens) + int(hit_eos), load_duration=req.t_start - req.t_wait,
+            prompt_eval_duration=t_first - req.t_start, eval_duration=t_end - t_first, context=context,
+            tokens=tokens, scores=req.recorder.scores(0, len(tokens)) if req.recorder is not None else None)
+        req.done.set()
