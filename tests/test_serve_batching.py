@@ -104,3 +104,79 @@ def test_eos_and_should_stop_end_a_row_as_generate_tokens_does():
         stop = (lambda _row, t: len(t) == 3) if i == 1 else None
         assert r.tokens == generate_tokens(model, [p], max_new_tokens=12, eos_ids=[eos], should_stop=stop)[0]
     assert len(rows[0].tokens) == free.index(eos)
+
+
+# ----------------------------------------------------------------------------- the engine (in process)
+
+def job(lm, question: str, **sampling):
+    from harness.serve.ollama_api import Job, Sampling
+    extra = {k: sampling.pop(k) for k in ("schema", "logprobs") if k in sampling}
+    prompt = lm.chat_prompt([{"role": "user", "content": question}]) if lm.has_chat_template else question
+    return Job("generate", "m", prompt, False, Sampling(**{"temperature": 0, "num_predict": 24, **sampling}), **extra)
+
+
+def together(engine, jobs: list) -> list:
+    """Run `jobs` so that they all join the batch at the same step: the model thread is held by a
+    call() until every job waits in its inbox. Returns each job's Outcome or exception."""
+    gate, out = threading.Event(), [None] * len(jobs)
+    holder = threading.Thread(target=engine.call, args=(lambda lm: gate.wait(60),))
+    holder.start()
+
+    def one(i):
+        try:
+            out[i] = engine.run(jobs[i], lambda text, scores: True)
+        except Exception as e:   # noqa: BLE001  (the caller asserts on it)
+            out[i] = e
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while engine.inbox.qsize() < len(jobs) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    gate.set()
+    for t in [holder, *threads]:
+        t.join(120)
+    return out
+
+
+def test_grammar_logprob_and_seeded_rows_batched_with_free_rows(smollm2_lm):
+    from harness.serve.engine import Engine
+    lm = smollm2_lm
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+    jobs = [job(lm, "Describe a person as JSON.", schema=schema, num_predict=64),
+            job(lm, "Name three colors.", logprobs=2),
+            job(lm, "Tell me a story.", temperature=0.9, top_k=30, top_p=0.9, seed=11),
+            job(lm, "What is 2 + 2?"),
+            job(lm, "Name a fruit.", stop=(".",))]
+    engine = Engine(lm, 4096, max_batch=8)
+    alone = [engine.run(j, lambda text, scores: True) for j in jobs]
+    batched = together(engine, jobs)
+    for a, b in zip(alone, batched):
+        assert isinstance(b, type(a)), b
+        assert (b.text, b.tokens, b.done_reason, b.eval_count) == (a.text, a.tokens, a.done_reason, a.eval_count)
+    import json
+    assert json.loads(batched[0].text).keys() == {"name", "age"} and batched[0].done_reason == "stop"
+    assert [(s.id, round(s.logprob, 4)) for s in batched[1].scores] == \
+        [(s.id, round(s.logprob, 4)) for s in alone[1].scores] and len(batched[1].scores[0].top) == 2
+    assert "." not in batched[4].text
+
+
+def test_an_error_in_the_model_answers_every_waiting_request():
+    from harness.serve.engine import Engine
+    from models.registry import load_lm
+    lm = load_lm("llama-tiny", progress=False)
+    engine = Engine(lm, 256, max_batch=2)      # three jobs: two decode, one waits for a slot
+
+    def broken(_module, args):
+        if args[0].shape[1] == 1:              # a decode step (prefills pass)
+            raise RuntimeError("injected fault in block 0")
+
+    hook = lm.model.blocks[0].register_forward_pre_hook(broken)
+    try:
+        got = together(engine, [job(lm, q, num_predict=50) for q in ("a", "bb", "ccc")])
+    finally:
+        hook.remove()
+    assert all(isinstance(e, RuntimeError) and "injected fault" in str(e) for e in got), got
+    assert engine.run(job(lm, "again", num_predict=5), lambda text, scores: True).eval_count == 5
