@@ -180,3 +180,84 @@ def test_an_error_in_the_model_answers_every_waiting_request():
         hook.remove()
     assert all(isinstance(e, RuntimeError) and "injected fault" in str(e) for e in got), got
     assert engine.run(job(lm, "again", num_predict=5), lambda text, scores: True).eval_count == 5
+
+
+# ----------------------------------------------------------------------------- over HTTP
+
+QUESTIONS = ["Name three colors.", "What is 2 + 2? Explain.", "Name a fruit and describe it.",
+             "What is the opposite of hot?", "Write a haiku about rain.", "What is the capital of Italy?",
+             "Give me a synonym for happy.", "How many legs does a spider have?"]
+
+
+def ask(server, question: str, stream: bool, n: int = 32):
+    """(text, final response) of one chat through its own `ollama.Client`."""
+    import ollama
+    c = ollama.Client(host=server.url, timeout=600)
+    msgs, opts = [{"role": "user", "content": question}], {"temperature": 0, "num_predict": n}
+    if not stream:
+        r = c.chat(model=server.model, messages=msgs, options=opts)
+        return r.message.content, r
+    parts = list(c.chat(model=server.model, messages=msgs, stream=True, options=opts))
+    return "".join(p.message.content for p in parts), parts[-1]
+
+
+def test_eight_concurrent_clients_get_the_sequential_greedy_texts(ollama_server):
+    sequential = [ask(ollama_server, q, stream=False)[0] for q in QUESTIONS]
+    got: dict[int, tuple] = {}
+    threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, ask(ollama_server, QUESTIONS[i], i % 2 == 0)))
+               for i in range(len(QUESTIONS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    assert [got[i][0] for i in range(len(QUESTIONS))] == sequential
+    # they decoded together: none waited for another's answer (in turns, the last would wait ~7)
+    waits = [got[i][1].load_duration for i in range(len(QUESTIONS))]
+    totals = [got[i][1].total_duration for i in range(len(QUESTIONS))]
+    assert max(waits) < 0.5 * max(totals), (waits, totals)
+
+
+@pytest.fixture(scope="module")
+def two_slot_server(smollm2_path, tmp_path_factory):
+    """SmolLM2 served with max_batch=2, so a third client waits for a slot."""
+    import os
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from harness.serve.process import spawn_server
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    log = tmp_path_factory.mktemp("two_slots") / "stderr.log"
+    with open(log, "w") as err:
+        server = spawn_server(["model=smollm2-135m-instruct", "host=127.0.0.1", "port=0", "max_batch=2"],
+                              env=env, cwd=root, stderr=err, timeout=120)
+    yield SimpleNamespace(url=server.url, model=server.model, log=log)
+    server.stop()
+
+
+def test_abandoned_request_frees_its_slot_within_a_decode_step(two_slot_server):
+    import json
+    import socket
+
+    import ollama
+    server = two_slot_server
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    client = ollama.Client(host=server.url, timeout=120)
+    client.generate(model=server.model, prompt="Hello", raw=True, options={"temperature": 0, "num_predict": 2})
+
+    def long_request(stream: bool) -> bytes:
+        body = json.dumps({"model": server.model, "prompt": "Count from 1 to 1000: 1, 2, 3,", "raw": True,
+                           "stream": stream, "options": {"temperature": 0, "num_predict": 3000}}).encode()
+        return b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+    with socket.create_connection((host, int(port)), timeout=60) as busy:     # slot 1, all along
+        busy.sendall(long_request(stream=True))
+        assert busy.recv(4096).startswith(b"HTTP/1.1 200")
+        with socket.create_connection((host, int(port)), timeout=60) as gone:  # slot 2, then hangs up
+            gone.sendall(long_request(stream=False))
+            time.sleep(1.5)           # decoding now; a non-streamed answer writes nothing until the end
+        r = client.generate(model=server.model, prompt="Hello", raw=True,
+                            options={"temperature": 0, "num_predict": 8})
+    step_s = r.eval_duration / 1e9 / max(1, r.eval_count - 1)   # a decode step of the two-row batch
+    waited_s = r.load_duration / 1e9                            # waiting for the abandoned row's slot
+    assert waited_s < 3 * step_s + 0.25, (waited_s, step_s)

@@ -12,6 +12,7 @@ put before its prompt; with `want_context` the outcome carries the ids of prompt
 """
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 import time
@@ -120,6 +121,7 @@ class Engine:
         self.active: dict[Row, _Request] = {}
         self.thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self.thread.start()
+        atexit.register(self.close)
 
     def prompt_text(self, job: Job) -> str:
         """The text the model continues: an incoming `context` (token ids of an earlier exchange) is
@@ -183,24 +185,43 @@ class Engine:
 
     # ------------------------------------------------------------------ the model thread
 
+    def close(self, timeout: float = 60) -> None:
+        """Stop the model thread (registered with atexit: torch aborts the process when the
+        interpreter finalizes while another thread runs an op). Jobs still running fail."""
+        if self.thread.is_alive():
+            self.inbox.put(None)
+            self.thread.join(timeout)
+
     def _loop(self) -> None:
         while True:
             try:
-                if not self.active and not self.waiting:
-                    self.batch.reset()                    # idle: free the cache's memory
-                    self.waiting.append(self.inbox.get())
-                while not self.inbox.empty():
-                    self.waiting.append(self.inbox.get())
+                if not self._take():
+                    self._fail_all(RuntimeError("the model is shutting down"))
+                    return
                 self._admit()
                 if self.active:
                     self._step()
             except BaseException as e:   # a fault here must answer every waiting run(), not hang it
-                failed = [*self.active.values(), *self.waiting]
-                self.active.clear()
-                self.waiting.clear()
-                self.batch.reset()
-                for req in failed:
-                    req.fail(e)
+                self._fail_all(e)
+
+    def _take(self) -> bool:
+        """New work into `waiting` (blocking while idle); False once close() asked to stop."""
+        items = []
+        if not self.active and not self.waiting:
+            self.batch.reset()                    # idle: free the cache's memory
+            items.append(self.inbox.get())
+        while not self.inbox.empty():
+            items.append(self.inbox.get())
+        self.waiting.extend(item for item in items if item is not None)
+        return None not in items
+
+    def _fail_all(self, error: BaseException) -> None:
+        failed = [*self.active.values(), *self.waiting]
+        self.active.clear()
+        self.waiting.clear()
+        self.batch.reset()
+        for req in failed:
+            req.fail(error)
 
     def _admit(self) -> None:
         """Calls run now, in order; jobs join while slots are free; a waiting job whose client left
