@@ -10,8 +10,13 @@ produce the same greedy text, which is checked). The server runs in a subprocess
 dtype and thread count; the two sides alternate, repeat after repeat, and medians are reported.
 Target: server tokens/s >= 90% of in-process (overhead < 10%).
 
-Then 4 clients at once, each with its own prompt, through separate `ollama.Client`s (two streaming,
-two not): each answer must equal the one the same prompt gets alone.
+Then batching: 8 clients at once, each with its own prompt (chat-templated, sent raw), a 64-token
+greedy completion each through its own `ollama.Client` (half streaming), against two servers in
+the same run: the batched one (max_batch=8, the default) and a serialised one (max_batch=1: the same
+engine code answering requests in turns). Aggregate tokens/s = all 8 answers' eval_count / wall
+time from the first request to the last answer; rounds alternate between the servers, medians are
+reported. Target: batched >= 3x serialised, with every text equal on both servers and to
+in-process lm.generate of the same prompt.
 
 Run:  OMP_NUM_THREADS=1 python bench/serve_speed.py      (writes bench/results/serve_speed.json)
 """
@@ -40,15 +45,17 @@ from models.registry import load_lm  # noqa: E402
 
 STORY = "Write a long story about a robot who learns to paint."
 CONCURRENT = ["Name three colors.", "What is 2 + 2? Explain.", "Name a fruit and describe it.",
-              "What is the opposite of hot?"]
+              "What is the opposite of hot?", "Write a haiku about rain.", "What is the capital of Italy?",
+              "Give me a synonym for happy.", "How many legs does a spider have?"]
 OVERHEAD_LIMIT = 0.10
+BATCH_TARGET = 3.0
 
 
-def start_server(model: str, dtype: str) -> ServedProcess:
+def start_server(model: str, dtype: str, max_batch: int = 8) -> ServedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     try:
-        server = spawn_server([f"model={model}", f"dtype={dtype}", "host=127.0.0.1", "port=0", "log_level=WARNING"],
-                              env=env, cwd=ROOT)
+        server = spawn_server([f"model={model}", f"dtype={dtype}", "host=127.0.0.1", "port=0", "log_level=WARNING",
+                               f"max_batch={max_batch}"], env=env, cwd=ROOT)
     except ServerStartError as e:
         sys.exit(f"error: {e} (its stderr is above)")
     return server
@@ -67,33 +74,53 @@ def timed_local(lm, prompt: str, n: int) -> tuple[float, str]:
     return time.perf_counter() - t, text
 
 
-def concurrent_check(url: str, name: str, lm, n: int) -> dict:
+def concurrent_round(server: ServedProcess, prompts: list[str], n: int) -> tuple[float, int, list[str]]:
+    """All prompts at once, each through its own client (every other one streaming): (wall seconds
+    from the first request to the last answer, generated tokens in all, texts)."""
     opts = {"temperature": 0, "num_predict": n}
+    got: dict[int, tuple[int, str]] = {}
 
-    def ask(q: str, stream: bool) -> str:
-        c = ollama.Client(host=url, timeout=600)
-        msgs = [{"role": "user", "content": q}]
-        if stream:
-            return "".join(p.message.content for p in c.chat(model=name, messages=msgs, stream=True, options=opts))
-        return c.chat(model=name, messages=msgs, options=opts).message.content
+    def ask(i: int) -> None:
+        c = ollama.Client(host=server.url, timeout=600)
+        if i % 2:
+            r = c.generate(model=server.model, prompt=prompts[i], raw=True, stream=False, options=opts)
+            got[i] = (r.eval_count, r.response)
+            return
+        parts = list(c.generate(model=server.model, prompt=prompts[i], raw=True, stream=True, options=opts))
+        got[i] = (parts[-1].eval_count, "".join(p.response for p in parts))
 
-    t = time.perf_counter()
-    lone = [ask(q, False) for q in CONCURRENT]
-    lone_s = time.perf_counter() - t
-    got: dict[int, str] = {}
-    threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, ask(CONCURRENT[i], i % 2 == 0)))
-               for i in range(len(CONCURRENT))]
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
     t = time.perf_counter()
     for th in threads:
         th.start()
     for th in threads:
         th.join()
-    together_s = time.perf_counter() - t
-    local = [lm.generate([lm.chat_prompt([{"role": "user", "content": q}])], max_new_tokens=n)[0] for q in CONCURRENT]
-    ok = [got.get(i) == lone[i] for i in range(len(CONCURRENT))]
-    return {"clients": len(CONCURRENT), "all_equal_to_lone": all(ok), "per_client": ok,
-            "lone_equal_in_process": [a == b for a, b in zip(lone, local)],
-            "sequential_s": lone_s, "concurrent_s": together_s}
+    wall = time.perf_counter() - t
+    if len(got) != len(prompts):
+        sys.exit(f"error: {len(prompts) - len(got)} of {len(prompts)} concurrent requests failed (traceback above)")
+    return wall, sum(got[i][0] for i in got), [got[i][1] for i in range(len(prompts))]
+
+
+def batching_check(batched: ServedProcess, serial: ServedProcess, lm, n: int, repeats: int) -> dict:
+    prompts = [lm.chat_prompt([{"role": "user", "content": q}]) for q in CONCURRENT]
+    concurrent_round(batched, prompts, 4)                      # warm-up, untimed
+    concurrent_round(serial, prompts, 4)
+    runs: dict[str, list[float]] = {"batched": [], "serial": []}
+    texts: dict[str, list[str]] = {}
+    for r in range(repeats):
+        for side in (("batched", "serial") if r % 2 == 0 else ("serial", "batched")):
+            wall, tokens, texts[side] = concurrent_round(batched if side == "batched" else serial, prompts, n)
+            runs[side].append(tokens / wall)
+        print(f"  round {r + 1}: batched {runs['batched'][-1]:.1f} tok/s, serialised {runs['serial'][-1]:.1f} tok/s",
+              flush=True)
+    local = [lm.generate([p], max_new_tokens=n)[0] for p in prompts]
+    b, s = statistics.median(runs["batched"]), statistics.median(runs["serial"])
+    same = texts["batched"] == texts["serial"]
+    return {"clients": len(prompts), "new_tokens": n, "repeats": repeats, "batched_tok_s": b, "serial_tok_s": s,
+            "ratio": b / s, "target": f"batched >= {BATCH_TARGET:g}x serialised",
+            "pass": b / s >= BATCH_TARGET and same, "texts_equal_batched_serial": same,
+            "texts_equal_in_process": [a == c for a, c in zip(texts["batched"], local)],
+            "batched_runs_tok_s": runs["batched"], "serial_runs_tok_s": runs["serial"]}
 
 
 def main() -> None:
@@ -102,7 +129,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--repeats", type=int, default=5, help="interleaved repeats per side (medians)")
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--concurrent-tokens", type=int, default=32)
+    ap.add_argument("--batch-tokens", type=int, default=64, help="new tokens per concurrent request")
+    ap.add_argument("--batch-repeats", type=int, default=3, help="alternating rounds per server (medians)")
     ap.add_argument("--out", default=str(ROOT / "bench/results/serve_speed.json"))
     args = ap.parse_args()
     n = args.new_tokens
@@ -110,6 +138,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpus {os.cpu_count()}, "
           f"load avg {os.getloadavg()[0]:.2f}", flush=True)
     server = start_server(args.model, args.dtype)
+    serial = start_server(args.model, args.dtype, max_batch=1)
     name, url = server.model, server.url
     try:
         lm = load_lm(args.model, dtype=args.dtype, progress=False)
@@ -140,13 +169,16 @@ def main() -> None:
         print(f"  ratio server / in-process: {srv / loc:.3f}x; overhead {100 * overhead:.1f}% "
               f"(target < {100 * OVERHEAD_LIMIT:.0f}%): {'PASS' if ok else 'MISS'}")
         print(f"  same text on both sides: {'YES' if same_text else 'NO'}")
-        conc = concurrent_check(url, name, lm, args.concurrent_tokens)
-        print(f"\n{conc['clients']} concurrent clients, each equal to its lone answer: "
-              f"{'YES' if conc['all_equal_to_lone'] else 'NO'} {conc['per_client']}; lone answers equal "
-              f"in-process: {conc['lone_equal_in_process']}; sequential {conc['sequential_s']:.1f}s, "
-              f"concurrent {conc['concurrent_s']:.1f}s (requests take turns on the model)")
+        print(f"\n{len(CONCURRENT)} concurrent clients x {args.batch_tokens} greedy tokens, batched server "
+              f"(max_batch=8) vs serialised (max_batch=1), {args.batch_repeats} alternating rounds", flush=True)
+        conc = batching_check(server, serial, lm, args.batch_tokens, args.batch_repeats)
+        print(f"  aggregate tokens/s: batched {conc['batched_tok_s']:.1f}, serialised {conc['serial_tok_s']:.1f}; "
+              f"ratio {conc['ratio']:.2f}x (target >= {BATCH_TARGET:g}x): {'PASS' if conc['pass'] else 'MISS'}")
+        print(f"  texts equal batched vs serialised: {'YES' if conc['texts_equal_batched_serial'] else 'NO'}; "
+              f"equal in-process generate: {conc['texts_equal_in_process']}")
     finally:
         server.stop(timeout=60)
+        serial.stop(timeout=60)
 
     summary = {
         "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
@@ -154,7 +186,7 @@ def main() -> None:
         "model": args.model, "dtype": args.dtype, "tokens_per_call": tokens, "prompt_tokens": len(lm.encode(prompt)),
         "repeats": args.repeats, "server_tok_s": srv, "in_process_tok_s": loc, "ratio": srv / loc,
         "overhead": overhead, "target": f"overhead < {OVERHEAD_LIMIT:.0%}", "pass": ok, "same_text": same_text,
-        "server_runs_s": server_s, "in_process_runs_s": local_s, "concurrent": conc,
+        "server_runs_s": server_s, "in_process_runs_s": local_s, "batching": conc,
     }
     out = write_summary(args.out, summary)
     print(f"wrote {out}")

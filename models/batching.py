@@ -57,8 +57,9 @@ class Row:
 
 
 class BatchDecoder:
-    def __init__(self, model, eos_ids: Sequence[int], max_batch: int = 8, spare: int = 512):
-        # spare: columns allocated beyond the first row's need; the cache doubles when full
+    def __init__(self, model, eos_ids: Sequence[int], max_batch: int = 8, spare: int = 64):
+        # spare: columns allocated beyond the first row's need (its first 256 tokens); the cache
+        # doubles when full, compacting first
         self.model, self.max_batch, self.spare = model, max_batch, spare
         self.device = model.tok_emb.weight.device
         self.eos = frozenset(int(t) for t in eos_ids)
@@ -174,35 +175,31 @@ class BatchDecoder:
         """Copy a prefilled row into the next free slot, its last prompt column at `length` - 1."""
         T, n = alone.length, len(self.rows)
         if self.cache is None:
-            cap = min(self.model.config.context_length + 1, T + row.max_new + 1) + self.spare
-            self.cache = self._zeroed(cap)
+            cap = min(self.model.config.context_length + 1, T + min(row.max_new, 256) + 1 + self.spare)
+            self.cache = self.model.new_cache(self.max_batch, cap)   # torch.empty: pages touched when written
             self.valid = torch.zeros(self.max_batch, cap, dtype=torch.bool, device=self.device)
         self._room(max(self.length, T) + 1)
         if T > self.length:             # shift the filled columns right to make room on the left
             d, L = T - self.length, self.length
             for t in (self.cache.k, self.cache.v):
                 t[:, :n, :, d:d + L] = t[:, :n, :, :L].clone()
+                t[:, :n, :, :d] = 0             # may never have been written (see below)
             self.valid[:n, d:d + L] = self.valid[:n, :L].clone()
             self.valid[:n, :d] = False
             self.length = T
         lo = self.length - T
         self.cache.k[:, n, :, lo:self.length] = alone.k[:, 0, :, :T]
         self.cache.v[:, n, :, lo:self.length] = alone.v[:, 0, :, :T]
+        # the padding is masked, but uninitialised memory may hold NaN, which survives a -inf mask
+        self.cache.k[:, n, :, :lo] = 0
+        self.cache.v[:, n, :, :lo] = 0
         self.valid[n] = False
         self.valid[n, lo:self.length] = True
         self.rows.append(row)
 
-    def _zeroed(self, capacity: int) -> KVCache:
-        """A batch cache of zeros: masked columns are never read, but uninitialised memory may hold
-        NaN, and a NaN key survives an additive -inf mask."""
-        cache = self.model.new_cache(self.max_batch, capacity)
-        cache.k.zero_()
-        cache.v.zero_()
-        return cache
-
     def _compact(self) -> None:
         """Cut off the padding columns every row has on the left."""
-        lo = self.length - max(r.fed for r in self.rows)
+        lo = self.length - max((r.fed for r in self.rows), default=0)
         if lo <= 0:
             return
         n, L = len(self.rows), self.length - lo
@@ -222,7 +219,7 @@ class BatchDecoder:
         if need <= self.cache.capacity:
             return
         cap = max(need, min(2 * self.cache.capacity, self.model.config.context_length + 1))
-        bigger = self._zeroed(cap)
+        bigger = self.model.new_cache(self.max_batch, cap)
         bigger.k[:, :, :, :self.length] = self.cache.k[:, :, :, :self.length]
         bigger.v[:, :, :, :self.length] = self.cache.v[:, :, :, :self.length]
         valid = torch.zeros(self.max_batch, cap, dtype=torch.bool, device=self.device)

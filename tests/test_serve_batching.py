@@ -78,6 +78,20 @@ def test_cache_compacts_and_grows_when_columns_run_out():
         assert r.tokens == generate_tokens(model, [p], max_new_tokens=r.max_new, eos_ids=[])[0]
 
 
+def test_a_long_prompt_after_the_batch_drained_grows_the_cache():
+    model = tiny("gemma3", "gemma3-tiny")
+    short, long = prompts(3, seed=3)[1:]                         # 3 and 40 tokens
+    batch = BatchDecoder(model, eos_ids=[], max_batch=2, spare=0)
+    first = batch.add(Row(short, max_new=3))                     # a cache of 3 + 3 + 1 columns
+    while batch.rows:
+        batch.step()
+    second = batch.add(Row(long, max_new=10))
+    while batch.rows:
+        batch.step()
+    assert first.tokens == generate_tokens(model, [short], max_new_tokens=3, eos_ids=[])[0]
+    assert second.tokens == generate_tokens(model, [long], max_new_tokens=10, eos_ids=[])[0]
+
+
 def test_seeded_sampling_is_the_same_batched_or_alone():
     model = tiny("qwen3", "qwen3-tiny")
     ps = prompts(3)
