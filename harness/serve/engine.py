@@ -1,5 +1,5 @@
 """The torch side of `harness.serve`: one loaded TorchLM whose thread decodes concurrent requests in
-one batch (models/batching.py), streamed as text deltas; and the served model's metadata.
+one batch (models/batching.py), streamed as text deltas. (The served model's metadata: card.py.)
 
     engine = Engine(lm, default_num_ctx=4096, max_batch=8)
     outcome = engine.run(job, on_delta=lambda text, scores: True, cancelled=lambda: False)
