@@ -122,16 +122,22 @@ def test_timed_out_client_retries_do_not_pile_up(ollama_server, short_s):
 
 
 def test_queued_request_whose_client_left_never_starts(ollama_server, short_s):
+    """The server decodes up to max_batch (8, conf/serve.yaml) requests together: a ninth waits for a
+    slot, and when its client leaves first it never starts."""
+    from contextlib import ExitStack
+    slots = 8
     before = len(abandoned(ollama_server))
     body = {"prompt": COUNTING, "raw": True, "stream": False, "options": LONG}
-    with socket.create_connection(address(ollama_server), timeout=60) as running:
-        running.sendall(request_bytes(ollama_server, body))
-        time.sleep(0.5)
+    with ExitStack() as stack:
+        for _ in range(slots):
+            running = stack.enter_context(socket.create_connection(address(ollama_server), timeout=60))
+            running.sendall(request_bytes(ollama_server, body))
+        time.sleep(1.0)
         with socket.create_connection(address(ollama_server), timeout=60) as queued:
-            queued.sendall(request_bytes(ollama_server, body))   # waits for the model, then hangs up
+            queued.sendall(request_bytes(ollama_server, body))   # waits for a slot, then hangs up
             time.sleep(0.5)
     answered_within(ollama_server, short_s["bound"])
-    lines = wait_abandoned(ollama_server, before, n=2)
+    lines = wait_abandoned(ollama_server, before, n=slots + 1)
     assert any("stopped after 0 tokens" in line for line in lines), lines
 
 
