@@ -225,10 +225,11 @@ def test_eight_concurrent_clients_get_the_sequential_greedy_texts(ollama_server)
     for t in threads:
         t.join(600)
     assert [got[i][0] for i in range(len(QUESTIONS))] == sequential
-    # they decoded together: none waited for another's answer (in turns, the last would wait ~7)
+    # they decoded together: none waited for another's answer (in turns, the last would wait for 7,
+    # ~7/8 of its total time; here at most for the others' prefills)
     waits = [got[i][1].load_duration for i in range(len(QUESTIONS))]
     totals = [got[i][1].total_duration for i in range(len(QUESTIONS))]
-    assert max(waits) < 0.5 * max(totals), (waits, totals)
+    assert max(waits) < 0.6 * max(totals), (waits, totals)
 
 
 @pytest.fixture(scope="module")
