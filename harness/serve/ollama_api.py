@@ -38,7 +38,9 @@ from typing import Any
 
 from harness.serve.ollama_fields import ApiError, float_field, int_field, parse_json, shown, typed, typed_field  # noqa: F401
 from harness.serve.ollama_model import UNSUPPORTED, ModelCard, not_supported, parse_pull, pull_progress  # noqa: F401
+from harness.serve.ollama_logprobs import MAX_TOP_LOGPROBS
 from harness.serve.ollama_templates import ChatTemplate, render_go_template  # noqa: F401
+from harness.serve.ollama_tools import message_extras, parse_tools
 
 DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P = 0.8, 40, 0.9   # Ollama's defaults
 GREEDY_BELOW = 1e-5   # a smaller temperature is greedy decoding (vLLM's threshold)
@@ -82,6 +84,7 @@ class Job:
     unload: bool = False           # keep_alive 0: a request with nothing to generate answers "unload"
     schema: dict | None = None     # the output must be JSON matching this schema (format / response_format)
     logprobs: int | None = None    # record each generated token's log-prob and this many alternatives
+    tools: bool = False            # /api/chat with tools: the reply is parsed for tool calls
 
 
 def parse_sampling(options: Any) -> Sampling:
@@ -128,17 +131,45 @@ def parse_keep_alive(v: Any) -> float | None:
     return -ns / 1e9 if v.startswith("-") else ns / 1e9
 
 
-def _common(body: dict, card: ModelCard) -> tuple[str, bool, Sampling, bool]:
-    """(model as spelled, stream, sampling, keep_alive is 0)."""
+@dataclass(frozen=True)
+class _Common:
+    model: str                     # as spelled
+    stream: bool
+    sampling: Sampling
+    unload: bool                   # keep_alive 0
+    schema: dict | None            # format
+    logprobs: int | None           # logprobs / top_logprobs
+
+
+def parse_format(v: Any) -> dict | None:
+    """Ollama's `format`: "json" is any JSON object, an object is a JSON schema the reply must match
+    (compiled by the engine: a schema it cannot enforce is a 400 there), "" or absent is free text."""
+    if v is None or v == "":
+        return None
+    if v == "json":
+        return {"type": "object"}
+    if isinstance(v, dict):
+        return v
+    raise ApiError(400, f'format must be "json" or a JSON schema object, got {shown(v)}')
+
+
+def parse_logprobs(body: dict) -> int | None:
+    """None unless `logprobs` is true; then how many alternatives per token (top_logprobs, 0..20)."""
+    top = int_field(body, "top_logprobs", 0, where="", low=0, high=MAX_TOP_LOGPROBS)
+    return top if typed_field(body, "logprobs", (bool,), False) else None
+
+
+def _common(body: dict, card: ModelCard) -> _Common:
     model = typed_field(body, "model", (str,), "")
     if not model:
         raise ApiError(400, "model is required")
     if not card.matches(model):
         raise ApiError(404, f"model '{model}' not found")
-    # format and think are accepted and ignored: text only; keep_alive 0 only changes the empty
+    # think is accepted and ignored: no reasoning split; keep_alive 0 only changes the empty
     # request's answer, the one model stays loaded
     unload = parse_keep_alive(body.get("keep_alive")) == 0
-    return model, typed_field(body, "stream", (bool,), True), parse_sampling(body.get("options")), unload
+    return _Common(model, typed_field(body, "stream", (bool,), True), parse_sampling(body.get("options")), unload,
+                   parse_format(body.get("format")), parse_logprobs(body))
 
 
 def _reject_images(images: Any, model: str, where: str = "") -> None:
@@ -161,7 +192,8 @@ def _context(v: Any) -> tuple[int, ...]:
 
 
 def parse_generate(body: dict, card: ModelCard, template: ChatTemplate) -> Job:
-    model, stream, sampling, unload = _common(body, card)
+    c = _common(body, card)
+    model, stream, sampling, unload = c.model, c.stream, c.sampling, c.unload
     prompt = typed_field(body, "prompt", (str,), "")
     system = typed_field(body, "system", (str,), "")
     raw = typed_field(body, "raw", (bool,), False)
@@ -179,17 +211,14 @@ def parse_generate(body: dict, card: ModelCard, template: ChatTemplate) -> Job:
         return Job("generate", model, None, stream, sampling, unload=unload)
     if not raw:
         prompt = rendered if custom else template.generate(prompt, system)
-    return Job("generate", model, prompt, stream, sampling, context=context, want_context=not raw)
+    return Job("generate", model, prompt, stream, sampling, context=context, want_context=not raw,
+               schema=c.schema, logprobs=c.logprobs)
 
 
 def parse_chat(body: dict, card: ModelCard, template: ChatTemplate) -> Job:
-    model, stream, sampling, unload = _common(body, card)
-    tools = typed_field(body, "tools", (list,), [])
-    if tools:
-        if not card.supports_tools:
-            raise ApiError(400, f"{model} does not support tools")
-        raise ApiError(400, f"{model}: harness.serve does not render tools into the chat template yet; "
-                            "send the request without tools")
+    c = _common(body, card)
+    model = c.model
+    tools = parse_tools(body, model, card.supports_tools)
     messages = typed_field(body, "messages", (list,), [])
     clean = []
     for i, m in enumerate(messages):
@@ -200,10 +229,12 @@ def parse_chat(body: dict, card: ModelCard, template: ChatTemplate) -> Job:
         if not role:
             raise ApiError(400, f"{where}role is required: system, user, assistant or tool")
         _reject_images(m.get("images"), model, where)
-        clean.append({"role": role, "content": typed_field(m, "content", (str,), "", where)})
+        clean.append({"role": role, "content": typed_field(m, "content", (str,), "", where), **message_extras(m, where)})
     if not clean:
-        return Job("chat", model, None, stream, sampling, unload=unload)
-    return Job("chat", model, template.chat(clean), stream, sampling)
+        return Job("chat", model, None, c.stream, c.sampling, unload=c.unload)
+    return Job("chat", model, template.chat(clean, tools), c.stream, c.sampling, schema=c.schema,
+               logprobs=c.logprobs, tools=bool(tools))
+
 
 # ----------------------------------------------------------------------------- responses
 
@@ -223,19 +254,23 @@ class Outcome:
     scores: list | None = None     # Job.logprobs: a TokenScore (harness.serve.openai_api) per generated token
 
 
-def chunk(job: Job, text: str, done: bool = False) -> dict:
+def chunk(job: Job, text: str, done: bool = False, logprobs: list[dict] | None = None,
+          tool_calls: list[dict] | None = None) -> dict:
     out = {"model": job.model, "created_at": now_rfc3339()}
     if job.endpoint == "chat":
-        out["message"] = {"role": "assistant", "content": text}
+        out["message"] = {"role": "assistant", "content": text, **({"tool_calls": tool_calls} if tool_calls else {})}
     else:
         out["response"] = text
     out["done"] = done
+    if logprobs:
+        out["logprobs"] = logprobs
     return out
 
 
-def final(job: Job, outcome: Outcome, text: str) -> dict:
+def final(job: Job, outcome: Outcome, text: str, logprobs: list[dict] | None = None,
+          tool_calls: list[dict] | None = None) -> dict:
     """The last stream line (text "") or the whole non-streamed answer (text = all of it)."""
-    return {**chunk(job, text, done=True), "done_reason": outcome.done_reason,
+    return {**chunk(job, text, True, logprobs, tool_calls), "done_reason": outcome.done_reason,
             "total_duration": outcome.total_duration, "load_duration": outcome.load_duration,
             "prompt_eval_count": outcome.prompt_eval_count,
             "prompt_eval_duration": outcome.prompt_eval_duration,
@@ -247,5 +282,3 @@ def loaded(job: Job) -> dict:
     """Ollama's answer to a request with nothing to generate: the model is (already) loaded, or with
     keep_alive 0 "unload" (harness.serve keeps its one model all the same)."""
     return {**chunk(job, "", done=True), "done_reason": "unload" if job.unload else "load"}
-
-

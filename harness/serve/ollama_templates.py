@@ -66,14 +66,16 @@ def render_go_template(source: str, values: dict[str, str]) -> str:
 
 @dataclass
 class ChatTemplate:
-    """Renders prompts with the tokenizer's chat template (None: the documented plain fallback)."""
-    render: Callable[[list[dict]], str] | None
+    """Renders prompts with the tokenizer's chat template (None: the documented plain fallback).
+    render(messages, tools) gets the tools only when a request has some (HF templates take
+    `tools=`, a list of {"type": "function", "function": {name, description, parameters}})."""
+    render: Callable[..., str] | None
 
-    def chat(self, messages: list[dict]) -> str:
+    def chat(self, messages: list[dict], tools: list[dict] | None = None) -> str:
         if self.render is None:
             return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
         try:
-            return self.render(messages)
+            return self.render(messages, tools) if tools else self.render(messages)
         except Exception as e:   # the template's own raise_exception (e.g. roles out of order)
             raise ApiError(400, f"cannot apply the chat template: {e}") from None
 
@@ -82,4 +84,3 @@ class ChatTemplate:
             return f"{system}\n\n{prompt}" if system else prompt
         return self.chat(([{"role": "system", "content": system}] if system else [])
                          + [{"role": "user", "content": prompt}])
-
