@@ -5,9 +5,12 @@ templates), ollama_model (`ModelCard`: /api/tags, /api/show, /api/ps; /api/pull 
 their names are importable from here too.
 
 What a request may carry (everything else is accepted and ignored, as Ollama does):
-  /api/chat      model, messages [{role, content, images}], stream (default true), options,
-                 tools: a non-empty list is a 400 "<model> does not support tools" when the chat
-                 template has no tool support, and a 400 too when it has (tools are not rendered yet)
+  /api/chat      model, messages [{role, content, images, tool_calls, tool_name}], stream (default
+                 true), options, tools: a non-empty list is a 400 "<model> does not support tools"
+                 when the chat template has no tool support; otherwise the tools are rendered by the
+                 template (`tools=`) and the reply parsed for calls (ollama_tools: <tool_call> tags or
+                 a bare {"name", "arguments"}) into message.tool_calls; such a request is generated
+                 whole, and streamed as one chunk plus the final one
   /api/generate  model, prompt, system, raw, stream, options,
                  context: token ids of an earlier exchange, decoded and put before the prompt (as
                  Ollama does); the final chunk of a templated (not raw) request carries `context`,
@@ -17,7 +20,12 @@ What a request may carry (everything else is accepted and ignored, as Ollama doe
                  own template text means the default; suffix: non-empty is a 400 (no fill-in-the-middle)
   both           keep_alive: a number of seconds or a Go duration ("5m", "0"); with nothing to
                  generate, 0 answers done_reason "unload" (the one model stays loaded all the same);
-                 format, think: accepted and ignored; non-empty images: 400
+                 format: "json" (any JSON object) or a JSON schema, enforced by the engine's grammar
+                 (a schema it cannot compile is a 400; num_predict may still cut the JSON short:
+                 done_reason "length"); logprobs (bool) and top_logprobs (0..20): each returned
+                 token's log-prob and alternatives in `logprobs` (ollama_logprobs); think: accepted
+                 and ignored; non-empty images: 400
+  /api/embed, /api/embeddings: harness.serve.ollama_embed
   options        temperature 0.8, top_k 40, top_p 0.9, seed (random when absent or < 0),
                  num_predict -1 (until EOS or the context is full), stop [], num_ctx
 Numbers must be finite; seed, top_k, num_predict and num_ctx (>= 1) are integers within Go's int64,
