@@ -81,13 +81,16 @@ def _compile_template(source: str):
     return env.from_string(source)
 
 
-def render_chat(tok: Tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> str:
+def render_chat(tok: Tokenizer, messages: list[dict], add_generation_prompt: bool = True,
+                tools: list[dict] | None = None) -> str:
+    """`tools` (function schemas, as transformers passes them) reach the template only when given, so
+    a template testing `tools is defined` sees none otherwise."""
     if tok.chat_template is None:
         raise UserError(f"tokenizer {tok.name!r} has no chat template")
     bos = tok.decode([tok.bos_id]) if tok.bos_id is not None else ""
     return _compile_template(tok.chat_template).render(
         messages=messages, add_generation_prompt=add_generation_prompt,
-        bos_token=bos, eos_token=tok.decode([tok.eos_id]))
+        bos_token=bos, eos_token=tok.decode([tok.eos_id]), **({"tools": tools} if tools else {}))
 
 
 # ----------------------------------------------------------------------------- GPT-2 (tiktoken)

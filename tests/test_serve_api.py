@@ -1,7 +1,7 @@
 """harness.serve's Ollama API beyond chat and generate, and what the HTTP stack (FastAPI on uvicorn)
 adds: chunked request bodies, keep-alive, /api/pull of the served model, 501 for model management,
-keep_alive 0, /api/generate's context / template / suffix and /api/chat's tools (honoured or
-refused, never silently ignored). The real `ollama` client where it exposes the behaviour, raw
+keep_alive 0, /api/generate's context / template / suffix and /api/chat's tools (refused without
+template support; rendered and parsed: tests/test_ollama_extras.py). The real `ollama` client where it exposes the behaviour, raw
 HTTP where it hides it; the session server `ollama_server` (SmolLM2 on 127.0.0.1)."""
 from __future__ import annotations
 
@@ -221,15 +221,20 @@ def card(template: str) -> ModelCard:
 
 
 def test_tools_refusal_depends_on_the_template():
-    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": [tool]}
     template = ChatTemplate(None)
     with pytest.raises(ApiError) as e:
         parse_chat(body, card("{{ .Prompt }}"), template)
     assert e.value.message == "m does not support tools"
     assert card("{% if tools %}...{% endif %}").show()["capabilities"] == ["completion", "tools"]
-    with pytest.raises(ApiError) as e:   # a template that takes tools: still not rendered, said so
-        parse_chat(body, card("{% if tools %}...{% endif %}"), template)
-    assert e.value.status == 400 and "does not render tools" in e.value.message
+    seen = []   # a template that takes tools gets them, and the reply is parsed for calls
+    job = parse_chat(body, card("{% if tools %}...{% endif %}"),
+                     ChatTemplate(lambda messages, tools=None: seen.append(tools) or "prompt"))
+    assert seen == [[tool]] and job.tools and job.prompt == "prompt"
+    with pytest.raises(ApiError) as e:   # a tool without a function name
+        parse_chat(dict(body, tools=[{"type": "function"}]), card("{% if tools %}{% endif %}"), template)
+    assert e.value.status == 400 and e.value.message.startswith("tools[0] must be an object")
     assert parse_chat(dict(body, tools=[]), card("x"), template).prompt == "user: hi\nassistant:"
 
 

@@ -1,22 +1,17 @@
-"""The HTTP side of `harness.serve`: a FastAPI app speaking the Ollama REST API, run by uvicorn.
+"""The HTTP side of `harness.serve`: a FastAPI app run by uvicorn, and what every API on it shares.
 
     sock = bind("127.0.0.1", 0)               # bound before the (slow) model load
     app = create_app(engine, card)            # a harness.serve.engine.Engine and its ModelCard
     Server(app, grace_s=30, on_ready=print_ready).run_on(sock)
 
-An API is a function adding its routes, create_app(engine, card, apis=(add_ollama_routes, ...));
-`endpoint` (errors as JSON), `read_body`, `Generation` (a job on the engine in a thread, stopped when
-the client hangs up) and `RequestLog` are shared by all of them. The Ollama routes
-(add_ollama_routes): GET / ("Ollama is running"), GET /api/version, GET /api/tags, GET /api/ps
-(HEAD too on each), POST /api/show, POST /api/chat, POST /api/generate, POST /api/pull (the served
-model only: status lines, nothing to download); /api/push, /api/create, /api/copy, /api/delete and
-/api/blobs/* answer 501. Request parsing and answers live in `harness.serve.ollama_api`; the
-routes here are thin.
+An API is a function adding its routes, create_app(engine, card, apis=(add_ollama_routes, ...)); the
+default is the Ollama API (harness.serve.ollama_routes). Shared here: `endpoint` (errors as JSON),
+`read_body` / `json_body`, `Generation` (a job on the engine in a thread, stopped when the client
+hangs up), `RequestLog`, `Server` and `bind`.
 
-HTTP/1.1 with keep-alive (uvicorn, h11); request bodies with Content-Length or chunked. Streamed
-answers are NDJSON, one line per chunk, never a blank line. Errors are JSON {"error": ...}: 400 bad
-body, 404 unknown model or path, 405 wrong method, 413 body over 64 MiB, 501 model management,
-500 a failure inside the model (mid-stream: a last line {"error": ...}). One log line per request.
+HTTP/1.1 with keep-alive (uvicorn, h11); request bodies with Content-Length or chunked. Errors are
+JSON (Ollama's {"error": ...} unless an API says otherwise): 400 bad body, 404 unknown model or path,
+405 wrong method, 413 body over 64 MiB, 500 a failure inside the model. One log line per request.
 
 Generation runs in a thread of its own while the event loop watches the connection (ASGI receive():
 `http.disconnect`). A client that hangs up (closes or resets the connection, or shuts down its
@@ -36,22 +31,18 @@ import socket
 import threading
 import time
 from contextlib import contextmanager
-from typing import Any, AsyncIterator, Callable
+from typing import Any, Callable
 
 import uvicorn
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 import harness
-from harness.serve.ollama_api import (UNSUPPORTED, Abandoned, ApiError, ChatTemplate, Job, ModelCard, chunk, final,
-                                      loaded, not_supported, parse_chat, parse_generate, parse_json, parse_pull,
-                                      pull_progress)
+from harness.serve.ollama_api import Abandoned, ApiError, Job, ModelCard, parse_json
 
 log = logging.getLogger("harness.serve")
 MAX_BODY_BYTES = 64 << 20
-NDJSON = "application/x-ndjson"
 
 
 # ----------------------------------------------------------------------------- plumbing
@@ -144,7 +135,8 @@ class RequestLog:
 
 class Generation:
     """One job on the engine, in a thread of its own; what it produces arrives on an asyncio queue:
-    ("delta", text) while streaming, then ("done", Outcome) | ("abandoned", Abandoned) |
+    ("delta", (text, scores)) while streaming (scores: the TokenScores of the tokens behind text, empty
+    unless the job asked for log-probs), then ("done", Outcome) | ("abandoned", Abandoned) |
     ("error", exception). `gone` is set when the client hangs up: the engine stops within one step."""
 
     def __init__(self, engine, job: Job, request: Request):
@@ -171,7 +163,7 @@ class Generation:
 
     def _on_delta(self, text: str, scores: list) -> bool:
         if self.job.stream and not self.gone.is_set():
-            self._put(("delta", text))
+            self._put(("delta", (text, scores)))
         return not self.gone.is_set()
 
     def _work(self) -> None:
@@ -219,125 +211,16 @@ class Generation:
         return await self.queue.get()
 
 
-async def generate(engine, job: Job, request: Request) -> Response:
-    if job.prompt is None:
-        return json_response(200, loaded(job))
-    gen = Generation(engine, job, request)
-    gen.start()
-    try:
-        kind, value = await gen.next()
-        while kind == "gone":   # the engine notices within one step and answers "abandoned"
-            kind, value = await gen.next()
-    except asyncio.CancelledError:   # uvicorn's shutdown grace period ran out: stop, answer 503
-        gen.why = "the server is shutting down"
-        gen.finish()
-        log.warning("%s %s still running when the shutdown grace period ran out; stopped",
-                    request.method, request.url.path)
-        return json_response(503, {"error": "server is shutting down"})
-    except BaseException:
-        gen.finish()
-        raise
-    if kind == "abandoned":
-        gen.finish()
-        request.state.status = 499   # nginx's "client closed request"; nothing goes out
-        return Response(status_code=499)
-    if kind == "error":
-        gen.finish()
-        raise value
-    if kind == "done":
-        gen.finish()
-        outcome = value
-        outcome.total_duration = elapsed_ns(request)
-        if job.stream:
-            return StreamingResponse(iter([ndjson(final(job, outcome, ""))]), media_type=NDJSON)
-        return json_response(200, final(job, outcome, outcome.text))
-    return StreamingResponse(stream_lines(gen, job, request, first=value), media_type=NDJSON)
-
-
-async def stream_lines(gen: Generation, job: Job, request: Request, first: str) -> AsyncIterator[bytes]:
-    """The NDJSON lines after the first delta: the deltas, then the final chunk or an error line."""
-    try:
-        yield ndjson(chunk(job, first))
-        while True:
-            kind, value = await gen.next()
-            if kind == "delta":
-                yield ndjson(chunk(job, value))
-            elif kind == "done":
-                value.total_duration = elapsed_ns(request)
-                yield ndjson(final(job, value, ""))
-                return
-            elif kind == "error":   # headers are out: Ollama's way is a last line carrying the error
-                message = value.message if isinstance(value, ApiError) else f"{type(value).__name__}: {value}"
-                yield ndjson({"error": message})
-                return
-            elif kind == "abandoned":
-                return
-    finally:
-        gen.finish()
-
-
-# ----------------------------------------------------------------------------- the Ollama routes
-
-def add_ollama_routes(app: FastAPI, engine, card: ModelCard) -> None:
-    """The Ollama REST API for the one served model."""
-    template = ChatTemplate(engine.lm.chat_prompt if engine.lm.has_chat_template else None)
-
-    async def root(request: Request) -> Response:
-        return PlainTextResponse("Ollama is running")
-
-    async def version(request: Request) -> Response:
-        return json_response(200, {"version": harness.__version__})
-
-    async def tags(request: Request) -> Response:
-        return json_response(200, card.tags())
-
-    async def ps(request: Request) -> Response:
-        return json_response(200, card.ps())
-
-    async def show(request: Request) -> Response:
-        req = await json_body(request)
-        model = req.get("model") or req.get("name")   # older clients send "name"
-        if not isinstance(model, str) or not model:
-            raise ApiError(400, "model is required (a string)")
-        if not card.matches(model):
-            raise ApiError(404, f"model '{model}' not found")
-        return json_response(200, card.show())
-
-    async def chat(request: Request) -> Response:
-        return await generate(engine, parse_chat(await json_body(request), card, template), request)
-
-    async def generate_(request: Request) -> Response:
-        return await generate(engine, parse_generate(await json_body(request), card, template), request)
-
-    async def pull(request: Request) -> Response:
-        _, stream = parse_pull(await json_body(request), card)
-        lines = pull_progress(card)
-        if not stream:
-            return json_response(200, lines[-1])
-        return StreamingResponse(iter([ndjson(line) for line in lines]), media_type=NDJSON)
-
-    async def unsupported(request: Request) -> Response:
-        await read_body(request)
-        raise not_supported(request.url.path, card)
-
-    routes = [("/", root, ["GET"]), ("/api/version", version, ["GET"]), ("/api/tags", tags, ["GET"]),
-              ("/api/ps", ps, ["GET"]), ("/api/show", show, ["POST"]), ("/api/chat", chat, ["POST"]),
-              ("/api/generate", generate_, ["POST"]), ("/api/pull", pull, ["POST"])]
-    methods = {"/api/push": ["POST"], "/api/create": ["POST"], "/api/copy": ["POST"], "/api/delete": ["DELETE"],
-               "/api/blobs": ["HEAD", "POST"]}
-    for path in UNSUPPORTED:
-        routes.append((path + "/{digest}" if path == "/api/blobs" else path, unsupported, methods[path]))
-    for path, fn, verbs in routes:   # HEAD wherever GET (headers only)
-        app.add_api_route(path, endpoint(fn), methods=verbs + ["HEAD"] * ("GET" in verbs), include_in_schema=False)
-
-
 RouteAdder = Callable[[FastAPI, Any, ModelCard], None]
 
 
-def create_app(engine, card: ModelCard, apis: tuple[RouteAdder, ...] = (add_ollama_routes,)) -> FastAPI:
-    """The app serving `engine`: each of `apis` adds its routes (add_ollama_routes; another API, such
-    as OpenAI's, is one more function of the same shape). Unknown paths are 404 and wrong methods 405,
-    with Ollama's {"error": ...} body."""
+def create_app(engine, card: ModelCard, apis: tuple[RouteAdder, ...] | None = None) -> FastAPI:
+    """The app serving `engine`: each of `apis` adds its routes (default: the Ollama API,
+    harness.serve.ollama_routes.add_ollama_routes; another API, such as OpenAI's, is one more function
+    of the same shape). Unknown paths are 404 and wrong methods 405, with Ollama's {"error": ...} body."""
+    if apis is None:   # imported here: the route modules import this one's helpers
+        from harness.serve.ollama_routes import add_ollama_routes
+        apis = (add_ollama_routes,)
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.card = engine, card
 

@@ -154,8 +154,9 @@ def embedding_dim(lm) -> int:
 
 @torch.inference_mode()
 def embed(lm, inputs: Sequence[str | Sequence[int]], pooling: str = EMBEDDING_POOLING,
-          batch_size: int = 16) -> list[list[float]]:
-    """One unit vector per input (a text, encoded as lm.encode does, or token ids): the final-normed
+          batch_size: int = 16, normalize: bool = True) -> list[list[float]]:
+    """One unit vector per input (the raw pooled vector with normalize=False: Ollama's legacy
+    /api/embeddings) (a text, encoded as lm.encode does, or token ids): the final-normed
     hidden states pooled by `pooling` (POOLINGS). Batches are right-padded: causal attention keeps
     the real positions from seeing the padding, and pooling skips it. ValueError when an input
     exceeds the context or the pooling is unknown."""
@@ -180,7 +181,8 @@ def embed(lm, inputs: Sequence[str | Sequence[int]], pooling: str = EMBEDDING_PO
             pooled = (hidden * keep[..., None]).sum(1) / lengths[:, None]
         else:
             pooled = hidden[torch.arange(len(idx), device=lm.device), lengths - 1]
-        pooled = torch.nn.functional.normalize(pooled, dim=-1)
+        if normalize:
+            pooled = torch.nn.functional.normalize(pooled, dim=-1)
         for i, v in zip(idx, pooled.cpu().tolist()):
             out[i] = v
     return out
