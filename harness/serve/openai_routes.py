@@ -26,7 +26,7 @@ import functools
 import logging
 import time
 from datetime import datetime
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import StreamingResponse
@@ -132,7 +132,7 @@ async def _first(gen: Generation, request: Request) -> tuple[str, object]:
 
 def add_openai_routes(app: FastAPI, engine, card: ModelCard) -> None:
     """The OpenAI API for the one served model, under /v1."""
-    from harness.serve.scoring import embed, prompt_logprobs, token_bytes, token_piece
+    from harness.serve.scoring import embed, end_score, prompt_logprobs, token_bytes, token_piece
     lm = engine.lm
     served = served_model(engine, card)
     render = lm.chat_prompt if lm.has_chat_template else None
@@ -182,7 +182,7 @@ def add_openai_routes(app: FastAPI, engine, card: ModelCard) -> None:
         if not req.stream:
             outcome, scores = await finished(j, request)
             return json_response(200, chat_completion(req, outcome.text, outcome.done_reason,
-                                                      usage(len(ids), len(outcome.tokens)), logprobs=lp(scores),
+                                                      usage(len(ids), outcome.eval_count), logprobs=lp(scores),
                                                       fingerprint=served.fingerprint))
         gen, kind, value = await start(j, request)
         rid, created = new_id("chatcmpl"), int(time.time())
@@ -194,10 +194,10 @@ def add_openai_routes(app: FastAPI, engine, card: ModelCard) -> None:
             text, scores = item
             return event(content=text, logprobs=lp(scores))
 
-        def end(outcome: Outcome) -> list[bytes]:
+        async def end(outcome: Outcome) -> list[bytes]:
             out = [event(finish_reason=outcome.done_reason)]
             if req.include_usage:
-                out.append(sse(chat_usage_chunk(req, rid, created, usage(len(ids), len(outcome.tokens)),
+                out.append(sse(chat_usage_chunk(req, rid, created, usage(len(ids), outcome.eval_count),
                                                 served.fingerprint)))
             return out + [sse("[DONE]")]
 
@@ -215,14 +215,26 @@ def add_openai_routes(app: FastAPI, engine, card: ModelCard) -> None:
                 raise fits
             prompts.append((p, ids))
 
-        async def echoed(p, ids) -> tuple[str, list]:
-            """(the prompt's text, its tokens' scores) for echo; ("", []) without it."""
+        async def echoed(p, ids) -> str:
+            """The prompt's text, shown first under echo."""
             if not req.echo:
-                return "", []
-            text = p if isinstance(p, str) else await asyncio.to_thread(lm.decode, ids)
+                return ""
+            return p if isinstance(p, str) else await asyncio.to_thread(lm.decode, ids)
+
+        async def scored(ids: list[int], outcome: Outcome | None, generated: list) -> tuple[list, list]:
+            """(the prompt's scores under echo, the generated tokens' scores plus the end token's
+            when the generation stopped at EOS): one forward pass over the prompt and the answer."""
             if req.logprobs is None:
-                return text, []
-            return text, await asyncio.to_thread(engine.call, lambda m: prompt_logprobs(m, ids, req.logprobs))
+                return [], []
+            hit_end = outcome is not None and outcome.eval_count > len(outcome.tokens)
+            if not req.echo and not hit_end:
+                return [], generated
+            context = ids + (outcome.tokens if outcome else [])
+            if not req.echo:
+                return [], generated + [await asyncio.to_thread(
+                    engine.call, lambda m: end_score(m, context, req.logprobs))]
+            full = await asyncio.to_thread(engine.call, lambda m: prompt_logprobs(m, context, req.logprobs, hit_end))
+            return full[:len(ids)], generated + full[len(context):]
 
         def lp(scores: list, offset: int) -> dict | None:
             return None if req.logprobs is None else completion_logprobs(scores, piece, req.logprobs, offset)
@@ -235,16 +247,18 @@ def add_openai_routes(app: FastAPI, engine, card: ModelCard) -> None:
         if not req.stream:
             choices, n_prompt, n_gen = [], 0, 0
             for p, ids in prompts:
-                text, pre = await echoed(p, ids)
-                j, out, scores, finish, n = gen_job(ids), "", [], "length", 0
+                text = await echoed(p, ids)
+                j, outcome, generated = gen_job(ids), None, []
                 if j is not None:
-                    outcome, scores = await finished(j, request)
-                    out, finish, n = outcome.text, outcome.done_reason, len(outcome.tokens)
-                choices.append(CompletionChoice(text + out, finish, lp(pre + scores, 0)))
+                    outcome, generated = await finished(j, request)
+                pre, scores = await scored(ids, outcome, generated)
+                choices.append(CompletionChoice(text + (outcome.text if outcome else ""),
+                                                outcome.done_reason if outcome else "length", lp(pre + scores, 0)))
+                n = outcome.eval_count if outcome else 0
                 n_prompt, n_gen = n_prompt + len(ids), n_gen + n
             return json_response(200, completion(req, choices, usage(n_prompt, n_gen), fingerprint=served.fingerprint))
         (p, ids), = prompts
-        text, pre = await echoed(p, ids)
+        text = await echoed(p, ids)
         rid, created = new_id("cmpl"), int(time.time())
         sent = [len(text)]     # characters so far: the next piece's text_offset
 
@@ -254,20 +268,26 @@ def add_openai_routes(app: FastAPI, engine, card: ModelCard) -> None:
             sent[0] += len(piece_text)
             return sse(chunk)
 
-        head = [sse(completion_chunk(req, rid, created, text, logprobs=lp(pre, 0), fingerprint=served.fingerprint))
-                ] if req.echo else []
+        head_scores = (await scored(ids, None, []))[0] if req.echo else []   # the prompt's, before generating
+        head = [sse(completion_chunk(req, rid, created, text, logprobs=lp(head_scores, 0),
+                                     fingerprint=served.fingerprint))] if req.echo else []
 
-        def end(outcome: Outcome | None) -> list[bytes]:
-            out = [event("", [], finish_reason=outcome.done_reason if outcome else "length")]
+        async def end(outcome: Outcome | None) -> list[bytes]:
+            last = [] if outcome is None or outcome.eval_count == len(outcome.tokens) or req.logprobs is None else \
+                [await asyncio.to_thread(engine.call, lambda m: end_score(m, ids + outcome.tokens, req.logprobs))]
+            out = [event("", last, finish_reason=outcome.done_reason if outcome else "length")]
             if req.include_usage:
-                out.append(sse(completion_usage_chunk(req, rid, created, usage(len(ids), len(outcome.tokens)
-                                                                                if outcome else 0),
+                out.append(sse(completion_usage_chunk(req, rid, created,
+                                                      usage(len(ids), outcome.eval_count if outcome else 0),
                                                       served.fingerprint)))
             return out + [sse("[DONE]")]
 
         j = gen_job(ids)
         if j is None:
-            return StreamingResponse(iter(head + end(None)), media_type=SSE)
+            async def scored_only() -> AsyncIterator[bytes]:
+                for item in head + await end(None):
+                    yield item
+            return StreamingResponse(scored_only(), media_type=SSE)
         gen, kind, value = await start(j, request)
         return stream(gen, request, kind, value, head, lambda item: event(*item), end)
 
@@ -309,7 +329,7 @@ def add_openai_routes(app: FastAPI, engine, card: ModelCard) -> None:
 
 
 def stream(gen: ScoredGeneration, request: Request, kind: str, value, head: list[bytes],
-           delta: Callable[[tuple], bytes], end: Callable[[Outcome], list[bytes]]) -> StreamingResponse:
+           delta: Callable[[tuple], bytes], end: Callable[[Outcome], Awaitable[list[bytes]]]) -> StreamingResponse:
     """The SSE answer of a started job whose first item is (kind, value): `head` events, one
     event per delta, then `end(outcome)` (the finish chunk, usage, [DONE]); an engine failure
     after the headers went out is a last `data: {"error": ...}` event."""
@@ -323,7 +343,7 @@ def stream(gen: ScoredGeneration, request: Request, kind: str, value, head: list
                     yield delta(v)
                 elif k == "done":
                     v.total_duration = elapsed_ns(request)
-                    for item in end(v):
+                    for item in await end(v):
                         yield item
                     return
                 elif k == "error":
