@@ -1,8 +1,8 @@
 """python -m harness.serve model=<registry name|checkpoint folder|.gguf> [host=127.0.0.1] [port=11434]
                          [name=<served name>] [dtype=float32|bfloat16] [num_ctx=4096]
 
-Serves one checkpoint over the Ollama REST API and the OpenAI one, so the `ollama` client (and the LLM judge) can use
-the project's own models:
+Serves one checkpoint over the Ollama REST API and the OpenAI one, so the `ollama` client (and
+the LLM judge), the `openai` SDK and lm-eval's local-completions can use the project's own models:
 
     GET /, HEAD /      "Ollama is running"
     POST /api/chat     POST /api/generate     (stream: NDJSON lines, or one object with stream false)
