@@ -3,7 +3,8 @@
 `ollama_server`, which serves both APIs): chat (plain, streamed, stop, seed, max_tokens, JSON
 modes, logprobs), completions (echo + logprobs equal in-process TorchLM.loglikelihood), models,
 embeddings (equal scoring.embed in process), error bodies; and lm-eval's own `local-completions`
-backend scoring MMLU through /v1/completions with the predictions of `python -m harness task=mmlu`."""
+backend scoring MMLU through /v1/completions with the predictions of `python -m harness task=mmlu`;
+a client hanging up mid-stream stops the generation."""
 from __future__ import annotations
 
 import json
@@ -200,3 +201,21 @@ def test_lm_evals_local_completions_scores_mmlu_as_the_cli_does(ollama_server, s
         assert s.data["labels"][first_argmax(lls[at:at + k])] == record["prediction"]
         at += k
     assert len(records) == len(samples) == len(subjects) * limit
+
+
+def test_a_client_that_hangs_up_mid_stream_stops_the_generation(model, ollama_server):
+    """app.py's Generation watches the connection for /v1 as for /api: the engine stops within a
+    decode step (logged as "abandoned") and the model is free for the next request at once."""
+    import time
+    body = {"model": model, "messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 400,
+            "temperature": 0, "stream": True}
+    with httpx.stream("POST", ollama_server.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        first = next(line for line in r.iter_lines() if line.startswith("data: "))
+    assert json.loads(first[6:])["object"] == "chat.completion.chunk"
+    deadline = time.monotonic() + 30
+    while "abandoned POST /v1/chat/completions" not in ollama_server.log.read_text():
+        assert time.monotonic() < deadline, "the generation did not stop after the client left"
+        time.sleep(0.2)
+    stopped = ollama_server.log.read_text().split("abandoned POST /v1/chat/completions")[-1]
+    assert int(stopped.split("stopped after ")[1].split(" tokens")[0]) < 400
