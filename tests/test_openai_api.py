@@ -1,4 +1,4 @@
-"""harness.serve.openai_api (the OpenAI API as data) and harness.serve.scoring (the log-probs and
+"""harness.serve.openai_api/_fields/_requests/_responses (the OpenAI API as data) and harness.serve.scoring (the log-probs and
 embeddings behind it), without HTTP: every parse function on good and bad bodies; every builder's
 output parsed by the real `openai` package's types; the real `openai` client talking to the parse
 and build functions through an in-memory transport (httpx's MockTransport: no socket), streaming
@@ -15,42 +15,15 @@ import struct
 
 import pytest
 
-from harness.serve.openai_api import (
-    ApiError,
-    ChatRequest,
-    CompletionChoice,
-    JsonFormat,
-    ServedModel,
-    TokenScore,
-    chat_chunk,
-    chat_completion,
-    chat_logprobs,
-    chat_prompt,
-    chat_usage_chunk,
-    completion,
-    completion_chunk,
-    completion_logprobs,
-    completion_usage_chunk,
-    context_error,
-    embeddings,
-    encode_embedding,
-    error_body,
-    fingerprint,
-    model_not_found,
-    model_object,
-    models_list,
-    new_id,
-    not_found,
-    parse_chat,
-    parse_completion,
-    parse_embeddings,
-    parse_json,
-    parse_response_format,
-    room,
-    server_error,
-    sse,
-    usage,
-)
+from harness.serve.openai_api import (ApiError, ServedModel, error_body, fingerprint, model_not_found, model_object,
+                                      models_list, not_found, server_error)
+from harness.serve.openai_fields import parse_json
+from harness.serve.openai_requests import (ChatRequest, JsonFormat, chat_prompt, context_error, parse_chat,
+                                           parse_completion, parse_embeddings, parse_response_format, room)
+from harness.serve.openai_responses import (CompletionChoice, TokenScore, chat_chunk, chat_completion, chat_logprobs,
+                                            chat_usage_chunk, completion, completion_chunk, completion_logprobs,
+                                            completion_usage_chunk, embeddings, encode_embedding, new_id, sse,
+                                            usage)
 
 openai = pytest.importorskip("openai")
 from openai.types import Completion, CreateEmbeddingResponse, Model
@@ -483,6 +456,22 @@ def test_lm_evals_local_completions_scores_through_the_api_as_in_process(lm):
         from harness.serve.scoring import prompt_logprobs
         argmax = all(s.id == s.top[0][0] for s in prompt_logprobs(lm, ctx + cont, 1)[len(ctx):])
         assert greedy == argmax
+
+
+def test_end_token_score_is_the_next_position_of_the_same_forward(lm):
+    """A generation that stopped at EOS made one more token than it returns: its score (what a legacy
+    completion lists last) is the likeliest end token after prompt + answer, equal with or without
+    the prompt's own scores from the same pass."""
+    from harness.serve.scoring import end_score, prompt_logprobs
+    ids = lm.encode("Once upon a time")
+    end = end_score(lm, ids, top_k=3)
+    assert end.id in lm.stop_ids() and len(end.top) == 3
+    with_end = prompt_logprobs(lm, ids, top_k=3, end=True)
+    assert len(with_end) == len(ids) + 1 and with_end[-1].id == end.id
+    assert with_end[-1].logprob == pytest.approx(end.logprob, abs=1e-5)
+    assert [s.logprob for s in with_end[:-1]] == pytest.approx([s.logprob for s in prompt_logprobs(lm, ids, 3)])
+    after = prompt_logprobs(lm, ids + [end.id], top_k=0)[-1]
+    assert after.logprob == pytest.approx(end.logprob, abs=1e-4)
 
 
 def test_generated_logprobs_equal_a_plain_forward(lm):
