@@ -146,6 +146,9 @@ class Generation:
         self.gone = threading.Event()
         self.why = "the client went away"
         self.watcher: asyncio.Task | None = None
+        # the scores of every piece of text handed out: tokens past a stop string (text never
+        # returned) are not in it
+        self.delivered: list = []
 
     threads: set[threading.Thread] = set()   # generations still running, for a clean exit
 
@@ -162,9 +165,12 @@ class Generation:
             pass
 
     def _on_delta(self, text: str, scores: list) -> bool:
-        if self.job.stream and not self.gone.is_set():
+        if self.gone.is_set():
+            return False
+        self.delivered.extend(scores)
+        if self.job.stream:
             self._put(("delta", (text, scores)))
-        return not self.gone.is_set()
+        return True
 
     def _work(self) -> None:
         try:
@@ -209,6 +215,42 @@ class Generation:
     async def next(self) -> tuple[str, Any]:
         """The next item; ("gone", None) only while the engine has not answered yet."""
         return await self.queue.get()
+
+    async def first(self, shutting_down: Callable[[], Response]) -> tuple[str, Any]:
+        """The first item past the client-gone notices: ("delta", ...) or ("done", Outcome). An
+        engine error is raised; a job whose client left raises Answered(499, nothing goes out),
+        one cut off by the end of uvicorn's shutdown grace period Answered(shutting_down())."""
+        request = self.request
+        try:
+            kind, value = await self.next()
+            while kind == "gone":   # the engine notices within one step and answers "abandoned"
+                kind, value = await self.next()
+        except asyncio.CancelledError:
+            self.why = "the server is shutting down"
+            self.finish()
+            log.warning("%s %s still running when the shutdown grace period ran out; stopped",
+                        request.method, request.url.path)
+            raise Answered(shutting_down()) from None
+        except BaseException:
+            self.finish()
+            raise
+        if kind != "delta":
+            self.finish()
+        if kind == "abandoned":
+            request.state.status = 499   # nginx's "client closed request"
+            raise Answered(Response(status_code=499))
+        if kind == "error":
+            raise value
+        return kind, value
+
+
+class Answered(Exception):
+    """The request ends with `response` and nothing else: its client left (499) or the server is
+    shutting down (503)."""
+
+    def __init__(self, response: Response):
+        super().__init__("answered")
+        self.response = response
 
 
 RouteAdder = Callable[[FastAPI, Any, ModelCard], None]

@@ -20,7 +20,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
 import harness
-from harness.serve.app import Generation, elapsed_ns, endpoint, json_body, json_response, ndjson, read_body
+from harness.serve.app import Answered, Generation, elapsed_ns, endpoint, json_body, json_response, ndjson, read_body
 from harness.serve.ollama_api import (UNSUPPORTED, ApiError, ChatTemplate, Job, ModelCard, Outcome, chunk, final,
                                       loaded, not_supported, parse_chat, parse_generate, parse_pull, pull_progress)
 from harness.serve.ollama_embed import GGUF_POOLING_TYPE, embed_response, fit, parse_embed, parse_embeddings
@@ -69,27 +69,10 @@ async def generate(engine, job: Job, request: Request) -> Response:
     gen = Generation(engine, replace(job, stream=False) if job.tools else job, request)
     gen.start()
     try:
-        kind, value = await gen.next()
-        while kind == "gone":   # the engine notices within one step and answers "abandoned"
-            kind, value = await gen.next()
-    except asyncio.CancelledError:   # uvicorn's shutdown grace period ran out: stop, answer 503
-        gen.why = "the server is shutting down"
-        gen.finish()
-        log.warning("%s %s still running when the shutdown grace period ran out; stopped",
-                    request.method, request.url.path)
-        return json_response(503, {"error": "server is shutting down"})
-    except BaseException:
-        gen.finish()
-        raise
-    if kind == "abandoned":
-        gen.finish()
-        request.state.status = 499   # nginx's "client closed request"; nothing goes out
-        return Response(status_code=499)
-    if kind == "error":
-        gen.finish()
-        raise value
+        kind, value = await gen.first(lambda: json_response(503, {"error": "server is shutting down"}))
+    except Answered as e:
+        return e.response
     if kind == "done":
-        gen.finish()
         outcome = value
         outcome.total_duration = elapsed_ns(request)
         if job.stream and not job.tools:

@@ -30,11 +30,11 @@ from typing import AsyncIterator
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import StreamingResponse
 
-from harness.serve.app import json_response, read_body
+from harness.serve.app import Generation, json_response, read_body
 from harness.serve.ollama_api import Job, ModelCard, Outcome
 from harness.serve.ollama_api import Sampling as EngineSampling
 from harness.serve.openai_api import method_not_allowed, model_not_found, model_object, models_list, not_found
-from harness.serve.openai_http import (SSE, ScoredGeneration, first_item, openai_endpoint, served_model,
+from harness.serve.openai_http import (SSE, first_item, openai_endpoint, served_model,
                                        stream)
 from harness.serve.openai_fields import Sampling, parse_json
 from harness.serve.openai_requests import (chat_prompt, context_error, parse_chat, parse_completion,
@@ -70,8 +70,8 @@ def add_openai_routes(app: FastAPI, engine, card: ModelCard) -> None:
                            stop=sampling.stop, num_ctx=served.context_length)
         return Job("openai", model, tuple(ids), stream, s, schema=schema, logprobs=logprobs)
 
-    async def start(j: Job, request: Request) -> tuple[ScoredGeneration, str, object]:
-        gen = ScoredGeneration(engine, j, request)
+    async def start(j: Job, request: Request) -> tuple[str, object]:
+        gen = Generation(engine, j, request)
         gen.start()
         kind, value = await first_item(gen, request)
         return gen, kind, value
