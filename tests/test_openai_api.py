@@ -1,4 +1,4 @@
-"""harness.serve.openai_api (the OpenAI API as data) and harness.serve.scoring (the log-probs and
+"""harness.serve.openai_api/_fields/_requests/_responses (the OpenAI API as data) and harness.serve.scoring (the log-probs and
 embeddings behind it), without HTTP: every parse function on good and bad bodies; every builder's
 output parsed by the real `openai` package's types; the real `openai` client talking to the parse
 and build functions through an in-memory transport (httpx's MockTransport: no socket), streaming
@@ -15,42 +15,15 @@ import struct
 
 import pytest
 
-from harness.serve.openai_api import (
-    ApiError,
-    ChatRequest,
-    CompletionChoice,
-    JsonFormat,
-    ServedModel,
-    TokenScore,
-    chat_chunk,
-    chat_completion,
-    chat_logprobs,
-    chat_prompt,
-    chat_usage_chunk,
-    completion,
-    completion_chunk,
-    completion_logprobs,
-    completion_usage_chunk,
-    context_error,
-    embeddings,
-    encode_embedding,
-    error_body,
-    fingerprint,
-    model_not_found,
-    model_object,
-    models_list,
-    new_id,
-    not_found,
-    parse_chat,
-    parse_completion,
-    parse_embeddings,
-    parse_json,
-    parse_response_format,
-    room,
-    server_error,
-    sse,
-    usage,
-)
+from harness.serve.openai_api import (ApiError, ServedModel, error_body, fingerprint, model_not_found, model_object,
+                                      models_list, not_found, server_error)
+from harness.serve.openai_fields import parse_json
+from harness.serve.openai_requests import (ChatRequest, JsonFormat, chat_prompt, context_error, parse_chat,
+                                           parse_completion, parse_embeddings, parse_response_format, room)
+from harness.serve.openai_responses import (CompletionChoice, TokenScore, chat_chunk, chat_completion, chat_logprobs,
+                                            chat_usage_chunk, completion, completion_chunk, completion_logprobs,
+                                            completion_usage_chunk, embeddings, encode_embedding, new_id, sse,
+                                            usage)
 
 openai = pytest.importorskip("openai")
 from openai.types import Completion, CreateEmbeddingResponse, Model

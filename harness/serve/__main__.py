@@ -1,7 +1,7 @@
 """python -m harness.serve model=<registry name|checkpoint folder|.gguf> [host=127.0.0.1] [port=11434]
                          [name=<served name>] [dtype=float32|bfloat16] [num_ctx=4096]
 
-Serves one checkpoint over the Ollama REST API, so the `ollama` client (and the LLM judge) can use
+Serves one checkpoint over the Ollama REST API and the OpenAI one, so the `ollama` client (and the LLM judge) can use
 the project's own models:
 
     GET /, HEAD /      "Ollama is running"
@@ -9,6 +9,11 @@ the project's own models:
     GET /api/tags      POST /api/show     GET /api/ps     GET /api/version
     POST /api/pull     (the served model only: nothing to download)
     /api/push, /api/create, /api/copy, /api/delete, /api/blobs/*: 501, one fixed model is served
+
+and the OpenAI API (harness.serve.openai_routes; the `openai` SDK with base_url=http://HOST:PORT/v1):
+
+    POST /v1/chat/completions     POST /v1/completions     POST /v1/embeddings
+    GET /v1/models     GET /v1/models/{id}
 
 The model answers to its served name (default: the registry name, or the folder / file stem) and to
 "<name>:latest". Requests are parsed by `harness.serve.ollama_api` (defaults, ignored fields and the
@@ -41,8 +46,9 @@ log = logging.getLogger("harness.serve")
 def start(cfg: DictConfig) -> tuple[socket.socket, object, object]:
     """Bind the socket, then load the model; bad input raises UserError. (socket, app, card)."""
     from harness.config import instantiate
-    from harness.serve.app import bind, create_app
+    from harness.serve.app import add_ollama_routes, bind, create_app
     from harness.serve.engine import Engine, describe_model
+    from harness.serve.openai_routes import add_openai_routes
     port = int_option(cfg.port, "port", minimum=0)
     if port > 65535:
         raise UserError(f"port={port}: expected 0..65535 (0 picks a free port)")
@@ -62,7 +68,7 @@ def start(cfg: DictConfig) -> tuple[socket.socket, object, object]:
     lm = instantiate(cfg.model, "model")   # unwraps Hydra's InstantiationException
     lm.require_vocabulary_head()   # a classifier checkpoint cannot generate text
     card = describe_model(lm, str(cfg.model.name), name, num_ctx)
-    app = create_app(Engine(lm, num_ctx), card)
+    app = create_app(Engine(lm, num_ctx), card, apis=(add_ollama_routes, add_openai_routes))
     if not is_loopback(host):
         log.warning("listening on %s: the API has no authentication; anyone who can reach this "
                     "address can use the model", host)

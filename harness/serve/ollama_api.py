@@ -439,7 +439,7 @@ class Outcome:
     total_duration: int = 0
     context: list[int] | None = None   # token ids of prompt + response (Job.want_context)
     tokens: list[int] = field(default_factory=list)   # the generated ids (EOS excluded)
-    scores: list | None = None     # Job.logprobs: a TokenScore (harness.serve.openai_api) per generated token
+    scores: list | None = None     # Job.logprobs: a TokenScore (harness.serve.openai_responses) per generated token
 
 
 def chunk(job: Job, text: str, done: bool = False) -> dict:

@@ -5,7 +5,7 @@ generated tokens (logprobs / top_logprobs), and pooled embeddings (/v1/embedding
 Everything goes through the `Model` protocol (models/decoder.py: hidden_states, logits) of a
 TorchLM (models/lm.py). Log-probs are the model's own distribution: log_softmax of the raw logits,
 before temperature, top-k and top-p (vLLM's default), so they do not depend on sampling settings.
-Results are plain Python (`TokenScore`, lists of floats), ready for harness/serve/openai_api.py.
+Results are plain Python (`TokenScore`, lists of floats), ready for harness/serve/openai_responses.py.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from harness.serve.openai_api import TokenScore
+from harness.serve.openai_responses import TokenScore
 from models.generate import generate_tokens
 
 # How /v1/embeddings pools: the mean of the final-normed hidden states over every token of the
@@ -27,7 +27,7 @@ _HEAD_ROWS = 1024        # positions per vocabulary-head matmul: bounds the [N, 
 
 
 def token_piece(lm, token_id: int) -> str:
-    """A token's text, as the responses show it (`piece` in harness/serve/openai_api.py). A token that
+    """A token's text, as the responses show it (`piece` in harness/serve/openai_responses.py). A token that
     holds part of a UTF-8 character shows as U+FFFD; `token_bytes` has its real bytes."""
     return lm.decode([token_id])
 
