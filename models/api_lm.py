@@ -132,10 +132,19 @@ def continuation_logprob(logprobs: Any, context_chars: int, what: str = "") -> t
     return total, greedy
 
 
-def text_logprob(logprobs: Any) -> tuple[float, int]:
-    """(sum of every scored token's log-prob, number of tokens) of an echoed text; the first token
-    has no log-prob when nothing precedes it on the server (no BOS)."""
+def text_logprob(logprobs: Any, text: str) -> tuple[float | None, int]:
+    """(sum of the log-probs of every token of the echoed `text`, its number of tokens). A leading
+    token without a log-prob whose piece does not begin the text is the server's BOS, left out of
+    both; when the text's own first token has no log-prob (no BOS before it: nothing predicts it)
+    the sum is None, since in-process scoring predicts it from BOS/EOS and one would differ."""
     if not isinstance(logprobs, dict) or not isinstance(logprobs.get("token_logprobs"), list):
         raise ValueError("the answer has no logprobs.token_logprobs")
-    values = logprobs["token_logprobs"]
-    return sum(float(v) for v in values if v is not None), len(values)
+    values, tokens = logprobs["token_logprobs"], logprobs.get("tokens") or []
+    if values and values[0] is None:
+        first = tokens[0] if tokens else ""
+        if first and text.startswith(first):
+            return None, len(values)
+        values = values[1:]
+    if any(v is None for v in values):
+        raise ValueError("a token past the first has no log-prob")
+    return sum(float(v) for v in values), len(values)

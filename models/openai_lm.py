@@ -12,8 +12,9 @@ loglikelihood and loglikelihood_rolling: /v1/completions with echo, logprobs=1, 
 lm-eval's local-completions (models/api_lm.py `continuation_logprob`), `batch_size` prompts per
 request. A server that refuses echo or returns no prompt log-probs (OpenAI's own chat models, some
 servers) stops such a task with one line naming the tasks it can run. A text is scored in one
-piece: the server cannot window it, so one longer than `max_length` tokens is refused, and its first
-token has no log-prob unless the server puts a BOS before it.
+piece: the server cannot window it, so one longer than `max_length` tokens is refused, and so is a
+server that gives the first token no log-prob (no BOS before it), as in-process scoring predicts
+that token from BOS/EOS and the numbers would differ.
 
 The key comes from the environment variable named by `api_key_env` (a local server needs none:
 "x" is sent). Provenance: the model id from /v1/models, and the `system_fingerprint` the answers
@@ -171,7 +172,14 @@ class OpenAILM(ApiLM):
                               stride: int | None = None) -> list[float]:
         out = []
         for text, lp in zip(texts, self._echo(list(texts))):
-            total, n_tokens = text_logprob(lp)
+            try:
+                total, n_tokens = text_logprob(lp, text)
+            except ValueError as e:
+                raise self.no_loglikelihood(f"the server's prompt log-probabilities are incomplete: {e}") from None
+            if total is None:
+                raise UserError(f"{self.name}: the server gives a text's first token no log-prob (it puts no BOS "
+                                "before it), while in-process scoring predicts it from BOS/EOS; perplexity "
+                                "would not be comparable, so it is not computed on this server")
             if max_length and n_tokens > max_length:
                 raise UserError(f"{self.name}: a text of {n_tokens} tokens is longer than max_length={max_length}; "
                                 "the server scores a text in one piece and cannot window it")
@@ -179,4 +187,7 @@ class OpenAILM(ApiLM):
         return out
 
     def count_tokens(self, text: str) -> int:
-        return text_logprob(self._echo([text], logprobs=0)[0])[1]
+        try:
+            return text_logprob(self._echo([text], logprobs=0)[0], text)[1]
+        except ValueError as e:
+            raise self.no_loglikelihood(f"the server's prompt log-probabilities are incomplete: {e}") from None
