@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -60,12 +61,11 @@ def transient(error: BaseException) -> tuple[str, bool] | None:
     status = status_of(error)
     if status is not None:
         return (f"HTTP {status}", True) if retryable_status(status) else None
-    try:
-        import openai
-        timeouts: tuple = (httpx.TimeoutException, openai.APITimeoutError)
-        connection: tuple = (ConnectionError, httpx.TransportError, openai.APIConnectionError)
-    except ImportError:                                  # openai is needed by model=openai: only
-        timeouts, connection = (httpx.TimeoutException,), (ConnectionError, httpx.TransportError)
+    timeouts: tuple = (httpx.TimeoutException,)
+    connection: tuple = (ConnectionError, httpx.TransportError)
+    openai = sys.modules.get("openai")     # an openai error means it is loaded; importing it costs seconds
+    if openai is not None:
+        timeouts, connection = (*timeouts, openai.APITimeoutError), (*connection, openai.APIConnectionError)
     if isinstance(error, timeouts):
         return "timeout", False
     if isinstance(error, connection):
