@@ -43,6 +43,9 @@ class ChatPrompt(str):
         self.messages = clean
         return self
 
+    def __getnewargs__(self):          # copy / pickle (a record's asdict deep-copies its prompt)
+        return (self.messages,)
+
 
 def check_settings(timeout: Any, retries: Any, backoff_s: Any, concurrency: Any) -> None:
     if float(timeout) <= 0 or int(retries) < 0 or float(backoff_s) < 0 or int(concurrency) < 1:

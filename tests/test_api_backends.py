@@ -24,7 +24,7 @@ from models.ollama_lm import OllamaLM
 from models.openai_lm import OpenAILM
 from tasks.instruction_data import ALPACA_STOP, alpaca_prompt
 from test_cli import ENV, ROOT, assert_one_error_line
-from test_judge import CountingProxy, FakeOllama
+from test_judge import CountingProxy, FakeOllama, chat_body
 
 ENTRIES = [{"instruction": "Name a primary color.", "input": ""},
            {"instruction": "Rewrite the sentence in passive voice.", "input": "The cat chased the mouse."}]
@@ -76,6 +76,25 @@ def test_ollama_refuses_loglikelihood_tasks_in_one_line(ollama_server, tmp_path)
                 f"hydra.run.dir={tmp_path / 'run'}", f"leaderboard={tmp_path / 'lb.csv'}", tmp_path=tmp_path)
     assert_one_error_line(p, "cannot score log-likelihoods", "mmlu", "it can run: instruct")
     assert not (tmp_path / "lb.csv").exists()
+
+
+def test_instruct_task_through_ollama_end_to_end(ollama_server, tmp_path):
+    """task=instruct on model=ollama:<served> (chat prompts go as messages); a judge that says 80."""
+    run, board = tmp_path / "run", tmp_path / "lb.csv"
+    judge = FakeOllama(lambda n, req: (200, chat_body("80")))
+    try:
+        p = harness("task=instruct", "task.limit=2", "task.max_new_tokens=24", f"model=ollama:{ollama_server.model}",
+                    f"model.host={ollama_server.url}", f"judge.host={judge.url}", "judge.model=judge",
+                    f"hydra.run.dir={run}", f"leaderboard={board}", tmp_path=tmp_path)
+    finally:
+        judge.kill()
+    assert p.returncode == 0, p.stderr[-3000:]
+    records = [json.loads(line) for line in (run / "records.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(r["prediction"] and r["extra"]["prompt_style"] == "chat" for r in records)
+    assert json.loads(records[0]["extra"]["prompt"])[0]["role"] == "user"     # the messages the server rendered
+    rows = pd.read_csv(board, keep_default_na=False)
+    assert set(rows.model) == {f"ollama:{ollama_server.model}"}
+    assert rows.checkpoint_sha.str.len().eq(12).all() and rows[rows.metric == "score"].value.tolist() == [80]
 
 
 def test_openai_generates_as_in_process(ollama_server, in_process, tmp_path):
