@@ -66,7 +66,7 @@ class ApiLM:
         self.concurrency, self.progress = int(concurrency), progress
         self.cache = ResponseCache(cache_dir or Path(cache_root()) / "api") if cache else None
         self.identity = ""                           # what the cache key names as the weights
-        self.requests_sent = 0                       # requests that reached the network (not the cache)
+        self.requests_sent = 0                       # answers that came from the server, not the cache
         self._lock = threading.Lock()
 
     # -- requests -----------------------------------------------------------------------------------
