@@ -458,6 +458,22 @@ def test_lm_evals_local_completions_scores_through_the_api_as_in_process(lm):
         assert greedy == argmax
 
 
+def test_end_token_score_is_the_next_position_of_the_same_forward(lm):
+    """A generation that stopped at EOS made one more token than it returns: its score (what a legacy
+    completion lists last) is the likeliest end token after prompt + answer, equal with or without
+    the prompt's own scores from the same pass."""
+    from harness.serve.scoring import end_score, prompt_logprobs
+    ids = lm.encode("Once upon a time")
+    end = end_score(lm, ids, top_k=3)
+    assert end.id in lm.stop_ids() and len(end.top) == 3
+    with_end = prompt_logprobs(lm, ids, top_k=3, end=True)
+    assert len(with_end) == len(ids) + 1 and with_end[-1].id == end.id
+    assert with_end[-1].logprob == pytest.approx(end.logprob, abs=1e-5)
+    assert [s.logprob for s in with_end[:-1]] == pytest.approx([s.logprob for s in prompt_logprobs(lm, ids, 3)])
+    after = prompt_logprobs(lm, ids + [end.id], top_k=0)[-1]
+    assert after.logprob == pytest.approx(end.logprob, abs=1e-4)
+
+
 def test_generated_logprobs_equal_a_plain_forward(lm):
     from harness.serve.scoring import generate_with_logprobs, prompt_logprobs
     ids = lm.encode("Once upon a time")

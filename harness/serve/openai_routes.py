@@ -10,11 +10,12 @@ http://HOST:PORT/v1) and lm-eval's `local-completions` talk to the served model.
     POST /v1/embeddings         harness.serve.scoring.embed: unit vectors, mean-pooled
     GET  /v1/models, GET /v1/models/{id}
 
-Parsing and the answers' shapes are the pure modules (openai_requests, openai_responses); this
-module runs them: each generation is a `Job` on the engine through app.py's `Generation` (its own
-thread, stopped within a decode step when the client hangs up), and one-off model work (prompt
-log-probs, embeddings) goes through `engine.call` in a worker thread, so the event loop never
-waits for the model. Every failure is OpenAI's error body with its status: 400 bad request,
+Parsing and the answers' shapes are the pure modules (openai_requests, openai_responses), the
+HTTP plumbing (errors, streaming, waiting on a job) is openai_http; this module runs them: each
+generation is a `Job` on the engine through app.py's `Generation` (its own thread, stopped
+within a decode step when the client hangs up), and one-off model work (prompt log-probs,
+embeddings) goes through `engine.call` in a worker thread, so the event loop never waits for
+the model. Every failure is OpenAI's error body with its status: 400 bad request,
 404 unknown model or /v1 path, 405 wrong method, 413 body too large, 500 a failure in the model
 (mid-stream: a last `data: {"error": ...}` event). Logprobs cover the tokens whose text was
 returned: a stop string that cuts the text drops the scores of the tokens after the cut.
@@ -23,19 +24,18 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import logging
 import time
-from datetime import datetime
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import StreamingResponse
 
-from harness.serve.app import Generation, elapsed_ns, endpoint, json_response, read_body
+from harness.serve.app import json_response, read_body
 from harness.serve.ollama_api import Job, ModelCard, Outcome
 from harness.serve.ollama_api import Sampling as EngineSampling
-from harness.serve.openai_api import (ApiError, ServedModel, error_body, fingerprint, method_not_allowed,
-                                      model_not_found, model_object, models_list, not_found)
+from harness.serve.openai_api import method_not_allowed, model_not_found, model_object, models_list, not_found
+from harness.serve.openai_http import (SSE, ScoredGeneration, first_item, openai_endpoint, served_model,
+                                       stream)
 from harness.serve.openai_fields import Sampling, parse_json
 from harness.serve.openai_requests import (chat_prompt, context_error, parse_chat, parse_completion,
                                            parse_embeddings, room)
@@ -43,96 +43,12 @@ from harness.serve.openai_responses import (CompletionChoice, chat_chunk, chat_c
                                             chat_usage_chunk, completion, completion_chunk, completion_logprobs,
                                             completion_usage_chunk, embeddings, new_id, sse, usage)
 
-log = logging.getLogger("harness.serve")
-SSE = "text/event-stream"
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models")
-
-
-class Answered(Exception):
-    """The request ends with `response` and nothing else: the client left (499, nothing goes out)
-    or the server is shutting down (503)."""
-
-    def __init__(self, response: Response):
-        super().__init__("answered")
-        self.response = response
-
-
-class ScoredGeneration(Generation):
-    """A Generation whose deltas carry their TokenScores: ("delta", (text, scores)) while
-    streaming. `delivered` collects the scores of every piece of text the engine handed out, so
-    the tokens past a stop string (whose text is never returned) are not in it."""
-
-    def __init__(self, engine, job: Job, request: Request):
-        super().__init__(engine, job, request)
-        self.delivered: list = []
-
-    def _on_delta(self, text: str, scores: list) -> bool:
-        if self.gone.is_set():
-            return False
-        self.delivered.extend(scores)
-        if self.job.stream:
-            self._put(("delta", (text, scores)))
-        return True
-
-
-def served_model(engine, card: ModelCard) -> ServedModel:
-    """What /v1 says of the served model: its served name (and the name's ":latest" tag form)."""
-    from harness.serve.scoring import embedding_dim
-    lm = engine.lm
-    try:
-        created = int(datetime.fromisoformat(card.modified_at.replace("Z", "+00:00")).timestamp())
-    except ValueError:
-        created = int(time.time())
-    extra = f"{card.model_info.get('harness.dtype', '')}/{card.model_info.get('harness.device', '')}"
-    return ServedModel(id=card.name, context_length=card.context_length, vocab_size=lm.model.config.vocab_size,
-                       embedding_dim=embedding_dim(lm), created=created, fingerprint=fingerprint(card.digest, extra))
-
-
-def openai_endpoint(fn: Callable) -> Callable:
-    """app.endpoint with OpenAI's error body for every failure (the Ollama-side ApiError of the
-    engine or of read_body, and unexpected exceptions, too)."""
-    async def route(request: Request) -> Response:
-        try:
-            return await fn(request)
-        except ApiError as e:
-            return json_response(e.status, error_body(e))
-        except Answered as e:
-            return e.response
-    route.__name__ = fn.__name__
-    return endpoint(route, error_body=lambda status, message: error_body(ApiError(status, message)))
-
-
-async def _first(gen: Generation, request: Request) -> tuple[str, object]:
-    """The job's first item past the client-gone notices: ("delta", ...) or ("done", Outcome);
-    an engine error is raised, an abandoned or cut-off job raises Answered."""
-    try:
-        kind, value = await gen.next()
-        while kind == "gone":
-            kind, value = await gen.next()
-    except asyncio.CancelledError:   # uvicorn's shutdown grace period ran out
-        gen.why = "the server is shutting down"
-        gen.finish()
-        log.warning("%s %s still running when the shutdown grace period ran out; stopped",
-                    request.method, request.url.path)
-        raise Answered(json_response(503, error_body(ApiError(503, "The server is shutting down.")))) from None
-    except BaseException:
-        gen.finish()
-        raise
-    if kind == "abandoned":
-        gen.finish()
-        request.state.status = 499
-        raise Answered(Response(status_code=499))
-    if kind == "error":
-        gen.finish()
-        raise value
-    if kind == "done":
-        gen.finish()
-    return kind, value
 
 
 def add_openai_routes(app: FastAPI, engine, card: ModelCard) -> None:
     """The OpenAI API for the one served model, under /v1."""
-    from harness.serve.scoring import embed, prompt_logprobs, token_bytes, token_piece
+    from harness.serve.scoring import embed, end_score, prompt_logprobs, token_bytes, token_piece
     lm = engine.lm
     served = served_model(engine, card)
     render = lm.chat_prompt if lm.has_chat_template else None
@@ -157,7 +73,7 @@ def add_openai_routes(app: FastAPI, engine, card: ModelCard) -> None:
     async def start(j: Job, request: Request) -> tuple[ScoredGeneration, str, object]:
         gen = ScoredGeneration(engine, j, request)
         gen.start()
-        kind, value = await _first(gen, request)
+        kind, value = await first_item(gen, request)
         return gen, kind, value
 
     async def finished(j: Job, request: Request) -> tuple[Outcome, list]:
@@ -182,7 +98,7 @@ def add_openai_routes(app: FastAPI, engine, card: ModelCard) -> None:
         if not req.stream:
             outcome, scores = await finished(j, request)
             return json_response(200, chat_completion(req, outcome.text, outcome.done_reason,
-                                                      usage(len(ids), len(outcome.tokens)), logprobs=lp(scores),
+                                                      usage(len(ids), outcome.eval_count), logprobs=lp(scores),
                                                       fingerprint=served.fingerprint))
         gen, kind, value = await start(j, request)
         rid, created = new_id("chatcmpl"), int(time.time())
@@ -194,10 +110,10 @@ def add_openai_routes(app: FastAPI, engine, card: ModelCard) -> None:
             text, scores = item
             return event(content=text, logprobs=lp(scores))
 
-        def end(outcome: Outcome) -> list[bytes]:
+        async def end(outcome: Outcome) -> list[bytes]:
             out = [event(finish_reason=outcome.done_reason)]
             if req.include_usage:
-                out.append(sse(chat_usage_chunk(req, rid, created, usage(len(ids), len(outcome.tokens)),
+                out.append(sse(chat_usage_chunk(req, rid, created, usage(len(ids), outcome.eval_count),
                                                 served.fingerprint)))
             return out + [sse("[DONE]")]
 
@@ -215,14 +131,26 @@ def add_openai_routes(app: FastAPI, engine, card: ModelCard) -> None:
                 raise fits
             prompts.append((p, ids))
 
-        async def echoed(p, ids) -> tuple[str, list]:
-            """(the prompt's text, its tokens' scores) for echo; ("", []) without it."""
+        async def echoed(p, ids) -> str:
+            """The prompt's text, shown first under echo."""
             if not req.echo:
-                return "", []
-            text = p if isinstance(p, str) else await asyncio.to_thread(lm.decode, ids)
+                return ""
+            return p if isinstance(p, str) else await asyncio.to_thread(lm.decode, ids)
+
+        async def scored(ids: list[int], outcome: Outcome | None, generated: list) -> tuple[list, list]:
+            """(the prompt's scores under echo, the generated tokens' scores plus the end token's
+            when the generation stopped at EOS): one forward pass over the prompt and the answer."""
             if req.logprobs is None:
-                return text, []
-            return text, await asyncio.to_thread(engine.call, lambda m: prompt_logprobs(m, ids, req.logprobs))
+                return [], []
+            hit_end = outcome is not None and outcome.eval_count > len(outcome.tokens)
+            if not req.echo and not hit_end:
+                return [], generated
+            context = ids + (outcome.tokens if outcome else [])
+            if not req.echo:
+                return [], generated + [await asyncio.to_thread(
+                    engine.call, lambda m: end_score(m, context, req.logprobs))]
+            full = await asyncio.to_thread(engine.call, lambda m: prompt_logprobs(m, context, req.logprobs, hit_end))
+            return full[:len(ids)], generated + full[len(context):]
 
         def lp(scores: list, offset: int) -> dict | None:
             return None if req.logprobs is None else completion_logprobs(scores, piece, req.logprobs, offset)
@@ -235,16 +163,18 @@ def add_openai_routes(app: FastAPI, engine, card: ModelCard) -> None:
         if not req.stream:
             choices, n_prompt, n_gen = [], 0, 0
             for p, ids in prompts:
-                text, pre = await echoed(p, ids)
-                j, out, scores, finish, n = gen_job(ids), "", [], "length", 0
+                text = await echoed(p, ids)
+                j, outcome, generated = gen_job(ids), None, []
                 if j is not None:
-                    outcome, scores = await finished(j, request)
-                    out, finish, n = outcome.text, outcome.done_reason, len(outcome.tokens)
-                choices.append(CompletionChoice(text + out, finish, lp(pre + scores, 0)))
+                    outcome, generated = await finished(j, request)
+                pre, scores = await scored(ids, outcome, generated)
+                choices.append(CompletionChoice(text + (outcome.text if outcome else ""),
+                                                outcome.done_reason if outcome else "length", lp(pre + scores, 0)))
+                n = outcome.eval_count if outcome else 0
                 n_prompt, n_gen = n_prompt + len(ids), n_gen + n
             return json_response(200, completion(req, choices, usage(n_prompt, n_gen), fingerprint=served.fingerprint))
         (p, ids), = prompts
-        text, pre = await echoed(p, ids)
+        text = await echoed(p, ids)
         rid, created = new_id("cmpl"), int(time.time())
         sent = [len(text)]     # characters so far: the next piece's text_offset
 
@@ -254,20 +184,26 @@ def add_openai_routes(app: FastAPI, engine, card: ModelCard) -> None:
             sent[0] += len(piece_text)
             return sse(chunk)
 
-        head = [sse(completion_chunk(req, rid, created, text, logprobs=lp(pre, 0), fingerprint=served.fingerprint))
-                ] if req.echo else []
+        head_scores = (await scored(ids, None, []))[0] if req.echo else []   # the prompt's, before generating
+        head = [sse(completion_chunk(req, rid, created, text, logprobs=lp(head_scores, 0),
+                                     fingerprint=served.fingerprint))] if req.echo else []
 
-        def end(outcome: Outcome | None) -> list[bytes]:
-            out = [event("", [], finish_reason=outcome.done_reason if outcome else "length")]
+        async def end(outcome: Outcome | None) -> list[bytes]:
+            last = [] if outcome is None or outcome.eval_count == len(outcome.tokens) or req.logprobs is None else \
+                [await asyncio.to_thread(engine.call, lambda m: end_score(m, ids + outcome.tokens, req.logprobs))]
+            out = [event("", last, finish_reason=outcome.done_reason if outcome else "length")]
             if req.include_usage:
-                out.append(sse(completion_usage_chunk(req, rid, created, usage(len(ids), len(outcome.tokens)
-                                                                                if outcome else 0),
+                out.append(sse(completion_usage_chunk(req, rid, created,
+                                                      usage(len(ids), outcome.eval_count if outcome else 0),
                                                       served.fingerprint)))
             return out + [sse("[DONE]")]
 
         j = gen_job(ids)
         if j is None:
-            return StreamingResponse(iter(head + end(None)), media_type=SSE)
+            async def scored_only() -> AsyncIterator[bytes]:
+                for item in head + await end(None):
+                    yield item
+            return StreamingResponse(scored_only(), media_type=SSE)
         gen, kind, value = await start(j, request)
         return stream(gen, request, kind, value, head, lambda item: event(*item), end)
 
@@ -306,34 +242,3 @@ def add_openai_routes(app: FastAPI, engine, card: ModelCard) -> None:
     for path in ("/v1", "/v1/{rest:path}"):
         app.add_api_route(path, openai_endpoint(elsewhere), include_in_schema=False,
                           methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
-
-
-def stream(gen: ScoredGeneration, request: Request, kind: str, value, head: list[bytes],
-           delta: Callable[[tuple], bytes], end: Callable[[Outcome], list[bytes]]) -> StreamingResponse:
-    """The SSE answer of a started job whose first item is (kind, value): `head` events, one
-    event per delta, then `end(outcome)` (the finish chunk, usage, [DONE]); an engine failure
-    after the headers went out is a last `data: {"error": ...}` event."""
-    async def events() -> AsyncIterator[bytes]:
-        try:
-            for item in head:
-                yield item
-            k, v = kind, value
-            while True:
-                if k == "delta":
-                    yield delta(v)
-                elif k == "done":
-                    v.total_duration = elapsed_ns(request)
-                    for item in end(v):
-                        yield item
-                    return
-                elif k == "error":
-                    e = v if isinstance(v, ApiError) else ApiError(getattr(v, "status", 500), getattr(
-                        v, "message", None) or f"{type(v).__name__}: {v}")
-                    yield sse(error_body(e))
-                    return
-                elif k == "abandoned":
-                    return
-                k, v = await gen.next()
-        finally:
-            gen.finish()
-    return StreamingResponse(events(), media_type=SSE)

@@ -95,22 +95,42 @@ def _scores(logprobs: torch.Tensor, targets: Sequence[int], top_k: int) -> list[
 
 
 @torch.inference_mode()
-def prompt_logprobs(lm, ids: Sequence[int], top_k: int = 0) -> list[TokenScore]:
+def prompt_logprobs(lm, ids: Sequence[int], top_k: int = 0, end: bool = False) -> list[TokenScore]:
     """The log-prob of each of `ids` given the ones before it, with the `top_k` most likely tokens
-    at its position; position 0 has neither (logprob None). One forward pass; the vocabulary head
-    runs on _HEAD_ROWS positions at a time. ValueError when `ids` exceed the context."""
+    at its position; position 0 has neither (logprob None). With `end`, one more: the score of the
+    end token after the last id (`end_score`), from the same forward pass. One forward pass; the
+    vocabulary head runs on _HEAD_ROWS positions at a time. ValueError when `ids` exceed the context."""
     ids = list(ids)
     if not ids:
         return []
     if len(ids) > lm.max_length:
         raise ValueError(f"{len(ids)} tokens do not fit the model's context of {lm.max_length}")
     model = lm.model
-    hidden = model.hidden_states(torch.tensor([ids], device=lm.device))[0, :-1]   # [T-1, D]
+    hidden = model.hidden_states(torch.tensor([ids], device=lm.device))[0]   # [T, D]
     out = [TokenScore(ids[0], None, ())]
     for s in range(0, len(ids) - 1, _HEAD_ROWS):
-        logprobs = model.logits(hidden[s:s + _HEAD_ROWS]).float().log_softmax(-1)
+        logprobs = model.logits(hidden[s:min(s + _HEAD_ROWS, len(ids) - 1)]).float().log_softmax(-1)
         out += _scores(logprobs, ids[s + 1:s + 1 + _HEAD_ROWS], top_k)
+    if end:
+        out.append(_end(lm, hidden[-1:], top_k))
     return out
+
+
+def _end(lm, last_hidden: torch.Tensor, top_k: int) -> TokenScore:
+    logprobs = lm.model.logits(last_hidden).float().log_softmax(-1)
+    stops = lm.stop_ids()
+    return _scores(logprobs, [stops[int(logprobs[0, stops].argmax())]], top_k)[0]
+
+
+@torch.inference_mode()
+def end_score(lm, ids: Sequence[int], top_k: int = 0) -> TokenScore:
+    """The score of the end token that followed `ids` (prompt + generated tokens): a generation that
+    ended at EOS produced one more token than it returns, and a legacy completion's logprobs list it
+    (lm-eval's local-completions reads "prompt + one generated token" from every echo answer). Of
+    the model's end tokens (lm.stop_ids()) the likeliest at that position: the one a greedy decode
+    picked, and the only one where the model has a single end token."""
+    ids = list(ids)[-lm.max_length:]
+    return _end(lm, lm.model.hidden_states(torch.tensor([ids], device=lm.device))[0, -1:], top_k)
 
 
 class LogprobRecorder:
