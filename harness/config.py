@@ -3,7 +3,9 @@
 `rewrite_argv` runs before Hydra sees the command line: `model=<path>` becomes
 `model=checkpoint model.name=<path>` (so a checkpoint folder or .gguf file works like a registry
 name), `model=hf:<folder or hub id>` becomes `model=hf model.name=<it>` (the transformers backend),
-and an unknown task or model is one line naming the valid ones instead of Hydra's report.
+`model=ollama:<name>` / `model=openai:<name>` become `model=ollama|openai model.name=<name>` (a
+model served elsewhere: models/ollama_lm.py, models/openai_lm.py), and an unknown task or model is
+one line naming the valid ones instead of Hydra's report.
 `instantiate` builds a config node (`_target_`) and unwraps Hydra's InstantiationException, so the
 task's or model's own UserError reaches the CLI as it was raised.
 """
@@ -50,13 +52,15 @@ def rewrite_argv(argv: list[str], conf_dir: Path = CONF_DIR) -> list[str]:
         group, value = m.groups()
         valid = _options(group, dirs)
         values = value.split(",")
-        if group == "model" and any(v.startswith(HF_PREFIX) for v in values):
-            out += _hf_models(values)
+        prefix = next((p for p in PREFIXES if group == "model" and any(v.startswith(p) for v in values)), None)
+        if prefix:
+            out += _prefixed_models(prefix, values)
             continue
         bad = [v for v in values if v not in valid and not (group == "model" and _looks_like_path(v))]
         if bad:
-            names = [v for v in valid if v not in ("checkpoint", "hf")]
-            hint = (" (or a path to a checkpoint folder or .gguf file, or hf:<folder or hub id>)"
+            names = [v for v in valid if v not in ("checkpoint", *(p.rstrip(":") for p in PREFIXES))]
+            hint = (" (or a path to a checkpoint folder or .gguf file, hf:<folder or hub id>, "
+                    "ollama:<served name> or openai:<served name>)"
                     if group == "model" else "")
             raise UserError(f"unknown {group} '{bad[0]}'; valid {group}s: {', '.join(names)}{hint}")
         if group == "model" and any(v not in valid for v in values):
@@ -67,16 +71,20 @@ def rewrite_argv(argv: list[str], conf_dir: Path = CONF_DIR) -> list[str]:
 
 
 HF_PREFIX = "hf:"
+# prefix -> (config in conf/model/, what follows the prefix): models this harness does not load itself
+PREFIXES = {HF_PREFIX: "a folder or hub id, e.g. model=hf:path/to/folder",
+            "ollama:": "the name the server lists, e.g. model=ollama:llama3.1:8b",
+            "openai:": "the model id the server lists, e.g. model=openai:gpt-4o-mini"}
 
 
-def _hf_models(values: list[str]) -> list[str]:
-    """`model=hf:a[,hf:b]` -> `model=hf model.name=a[,b]`: a sweep over transformers models."""
-    names = [v[len(HF_PREFIX):] for v in values if v.startswith(HF_PREFIX)]
+def _prefixed_models(prefix: str, values: list[str]) -> list[str]:
+    """`model=hf:a[,hf:b]` -> `model=hf model.name=a[,b]` (a sweep), and so for ollama: and openai:."""
+    names = [v[len(prefix):] for v in values if v.startswith(prefix)]
     if len(names) < len(values):
-        raise UserError(f"model={','.join(values)}: a sweep cannot mix hf: models with others; run them separately")
+        raise UserError(f"model={','.join(values)}: a sweep cannot mix {prefix} models with others; run them separately")
     if not all(names):
-        raise UserError("model=hf: needs a folder or hub id after hf:, e.g. model=hf:path/to/folder")
-    return ["model=hf", "model.name=" + ",".join(_quote(n) for n in names)]
+        raise UserError(f"model={prefix} needs {PREFIXES[prefix]}")
+    return [f"model={prefix.rstrip(':')}", "model.name=" + ",".join(_quote(n) for n in names)]
 
 
 def instantiate(node, what: str):

@@ -22,27 +22,25 @@ Outcomes, from the run's point of view:
   (judged by its GET /api/version), a judge model the server does not have (`ollama pull
   <model>`), another 4xx.
 
-Every reply is cached on disk (`$HARNESS_CACHE/judge`, default `~/.cache/harness/judge`), one file
-per key, written atomically. The key is sha256 over judge model, its digest, style, options,
+Retries, the pool of requests in flight and the reply cache are harness.remote's, shared with the
+API-served model backends. Every reply is cached on disk (`$HARNESS_CACHE/judge`, default
+`~/.cache/harness/judge`), one file per key, written atomically. The key is sha256 over judge model, its digest, style, options,
 format and the full prompt, so re-judging the same responses asks the server nothing. Unparseable
 replies are cached too (temperature 0 gives the same reply again); failed requests never are, so
 a rerun after an outage asks the server again.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import threading
-import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 from harness.cli import UserError
-from harness.io import cache_root, write_atomic
+from harness.io import cache_root
+from harness.remote import Exhausted, ResponseCache, Retrier, map_ordered, sha256_json
 from harness.judge_host import bad_host, check_host, excerpt, not_ollama
 from harness.judge_prompts import JudgeStyle, get_style, parse_reply, render
 
@@ -81,40 +79,12 @@ class JudgeConfigError(UserError):
     """The judge cannot work as configured; the run stops with one `error:` line."""
 
 
-class _Exhausted(Exception):
-    """A request failed `attempts` times with transient errors; the sample becomes unscored."""
-
-    def __init__(self, message: str, answered: bool):
-        super().__init__(message)
-        self.answered = answered     # the server sent something back (5xx, a non-Ollama body)
-
-
 def _sha(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    return sha256_json(obj)
 
 
 def default_cache_dir() -> Path:
     return cache_root() / "judge"
-
-
-class ReplyCache:
-    """One small JSON file per key under root/<2 hex>/<key>.json; readers never see a torn file."""
-
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root).expanduser()
-
-    def _path(self, key: str) -> Path:
-        return self.root / key[:2] / f"{key}.json"
-
-    def get(self, key: str) -> dict | None:
-        try:
-            value = json.loads(self._path(key).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None                              # absent (or unreadable: ask again)
-        return value if isinstance(value, dict) and isinstance(value.get("raw"), str) else None
-
-    def put(self, key: str, value: dict) -> None:
-        write_atomic(self._path(key), json.dumps(value, ensure_ascii=False, sort_keys=True).encode("utf-8"))
 
 
 class OllamaJudge:
@@ -140,7 +110,8 @@ class OllamaJudge:
         self.options = {"temperature": float(temperature), "seed": int(seed), "num_ctx": int(num_ctx),
                         "num_predict": int(num_predict or self._style.num_predict)}
         self.format = self._style.json_schema if self.json_format else None
-        self.cache = ReplyCache(cache_dir or default_cache_dir()) if cache else None
+        self.cache = ResponseCache(cache_dir or default_cache_dir()) if cache else None
+        self._retry = Retrier(self.retries, self.backoff_s)
         # A host that drops packets fails within 10 s per attempt instead of the full reply timeout.
         try:
             self._client = ollama.Client(host=self.host,
@@ -171,7 +142,7 @@ class OllamaJudge:
     def _fetch_digest(self) -> str:
         try:
             listing = self._with_retries(self._client.list, self.retries + 1)
-        except _Exhausted as e:
+        except Exhausted as e:
             if e.answered and (why := self._not_ollama()):
                 raise JudgeConfigError(why) from None
             raise JudgeConfigError(
@@ -194,34 +165,20 @@ class OllamaJudge:
 
     # -- requests ---------------------------------------------------------------------------------
     def _with_retries(self, call: Callable[[], Any], attempts: int) -> Any:
-        import httpx
+        """harness.remote's retries; a final error (4xx but 408/429, or 501) is a JudgeConfigError."""
         from ollama import ResponseError
 
-        reason, answered = "no attempt", False
-        for attempt in range(attempts):
-            if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
-            try:
-                return call()
-            except ResponseError as e:
-                # 501 "not implemented" will not change on a retry; it is what a plain web server
-                # answers a POST, so it is told apart from Ollama like a 404.
-                if e.status_code not in (408, 429) and (e.status_code < 500 or e.status_code == 501):
-                    if why := self._not_ollama():
-                        raise JudgeConfigError(why) from None
-                    if e.status_code == 404:
-                        raise JudgeConfigError(self._not_found()) from None
-                    raise JudgeConfigError(f"the judge at judge.host={self.host} rejected the request "
-                                           f"(HTTP {e.status_code}: {excerpt(str(e.error))})") from None
-                reason, answered = f"HTTP {e.status_code}", True
-            except httpx.TimeoutException:
-                reason = "timeout"
-            except (ConnectionError, httpx.TransportError) as e:
-                reason = f"connection error ({type(e).__name__})"
-            except ValueError as e:     # a body that is not Ollama's JSON (json / pydantic errors)
-                reason, answered = f"malformed response ({type(e).__name__})", True
-            log.debug("judge request failed (%s), attempt %d of %d", reason, attempt + 1, attempts)
-        raise _Exhausted(f"{reason} after {attempts} attempt{'s' if attempts > 1 else ''}", answered)
+        try:
+            return self._retry.call(call, attempts, what="judge request")
+        except ResponseError as e:
+            # 501 "not implemented" is what a plain web server answers a POST, so it is told apart
+            # from Ollama like a 404.
+            if why := self._not_ollama():
+                raise JudgeConfigError(why) from None
+            if e.status_code == 404:
+                raise JudgeConfigError(self._not_found()) from None
+            raise JudgeConfigError(f"the judge at judge.host={self.host} rejected the request "
+                                   f"(HTTP {e.status_code}: {excerpt(str(e.error))})") from None
 
     def _chat(self, messages: list[dict]) -> str:
         def call() -> str:
@@ -232,7 +189,7 @@ class OllamaJudge:
         attempts = 1 if self._failed_in_a_row >= 2 else self.retries + 1   # server looks down
         try:
             raw = self._with_retries(call, attempts)
-        except _Exhausted:
+        except Exhausted:
             self._failed_in_a_row += 1
             raise
         self._failed_in_a_row = 0
@@ -245,43 +202,27 @@ class OllamaJudge:
         key = _sha({"model": self.model, "digest": self.digest, "style": self.style,
                     "options": self.options, "format": self.format, "messages": messages})
         hit = self.cache.get(key) if self.cache else None
-        if hit is not None:
+        if hit is not None and isinstance(hit.get("raw"), str):
             p = parse_reply(self._style, hit["raw"])    # re-parsed: a parser fix applies to old replies
             return Grade(p.score, hit["raw"], prompt_hash, p.parse, p.error, cached=True)
         try:
             raw = self._chat(messages)
-        except _Exhausted as e:                          # never cached: a rerun asks again
+        except Exhausted as e:                          # never cached: a rerun asks again
             return Grade(None, "", prompt_hash, None, str(e), transient=True)
         p = parse_reply(self._style, raw)
         grade = Grade(p.score, raw, prompt_hash, p.parse, p.error)
-        if self.cache:
-            try:
-                self.cache.put(key, dict(asdict(grade), model=self.model, digest=self.digest, style=self.style))
-            except OSError as e:                         # a full or read-only disk costs speed, not scores
-                log.warning("judge cache %s not written: %s", self.cache.root, e)
+        if self.cache:                                   # a full or read-only disk costs speed, not scores
+            self.cache.put_quietly(key, dict(asdict(grade), model=self.model, digest=self.digest, style=self.style))
         return grade
 
     def grade_many(self, items: Sequence[Item]) -> list[Grade]:
         """Grades in the order of `items`, `concurrency` requests in flight."""
-        from tqdm.auto import tqdm
-
         items = list(items)
         if not items:
             return []
         _ = self.digest                                  # configuration errors before any work
-        out: list[Grade | None] = [None] * len(items)
-        bar = tqdm(total=len(items), desc=f"judge {self.model}", unit="sample",
-                   disable=not self.progress, leave=False)
-        with bar, ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            futures = {pool.submit(self.grade, *item): i for i, item in enumerate(items)}
-            try:
-                for f in as_completed(futures):
-                    out[futures[f]] = f.result()
-                    bar.update(1)
-            except BaseException:
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
-        grades = [g for g in out if g is not None]
+        grades = map_ordered(lambda item: self.grade(*item), items, self.concurrency,
+                             desc=f"judge {self.model}", progress=self.progress)
         unscored = sum(g.score is None for g in grades)
         log.info("judge %s: %d graded, %d from cache, %d unscored", self.model, len(grades),
                  sum(g.cached for g in grades), unscored)

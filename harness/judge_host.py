@@ -17,40 +17,42 @@ from typing import Any
 EXAMPLE = "http://127.0.0.1:11434"
 
 
-def bad_host(host: Any, why: str):
-    """The one-line JudgeConfigError for an unusable `judge.host`."""
+def bad_host(host: Any, why: str, key: str = "judge.host"):
+    """The one-line JudgeConfigError (a UserError) for an unusable server address in config `key`."""
     from harness.judge import JudgeConfigError
 
-    return JudgeConfigError(f"judge.host={host!r} is not a judge address: {why}; a valid value looks like "
+    noun = "judge" if key.startswith("judge") else "server"
+    return JudgeConfigError(f"{key}={host!r} is not a {noun} address: {why}; a valid value looks like "
                             f"{EXAMPLE} (scheme http or https, host, port 1-65535)")
 
 
-def check_host(host: Any) -> None:
-    """Raise JudgeConfigError (one line naming judge.host) unless `host` is a usable server address."""
+def check_host(host: Any, key: str = "judge.host") -> None:
+    """Raise JudgeConfigError (one line naming `key`) unless `host` is a usable server address; also
+    model.host of `model=ollama:<name>` (models/ollama_lm.py)."""
     text = "" if host is None else str(host)
     if not text.strip():
-        raise bad_host(host, "it is empty")
+        raise bad_host(host, key=key, why="it is empty")
     if any(c.isspace() for c in text):
-        raise bad_host(host, "it contains whitespace")
+        raise bad_host(host, key=key, why="it contains whitespace")
     scheme, sep, rest = text.partition("://")
     if not sep:
         scheme, rest = "http", text
     if scheme.lower() not in ("http", "https"):
-        raise bad_host(host, f"the scheme is {scheme!r}, and Ollama speaks http or https")
+        raise bad_host(host, key=key, why=f"the scheme is {scheme!r}, and Ollama speaks http or https")
     try:
         split = urllib.parse.urlsplit(f"{scheme}://{rest}")
     except ValueError as e:                              # "Invalid IPv6 URL"
-        raise bad_host(host, f"it does not parse as a URL ({e})") from None
+        raise bad_host(host, key=key, why=f"it does not parse as a URL ({e})") from None
     try:
         port = split.port                                # parsed lazily
     except ValueError:
-        raise bad_host(host, "the part after the host name is not a port number from 1 to 65535") from None
+        raise bad_host(host, key=key, why="the part after the host name is not a port number from 1 to 65535") from None
     if port == 0:
-        raise bad_host(host, "port 0 is not a port a server listens on")
+        raise bad_host(host, key=key, why="port 0 is not a port a server listens on")
     if not split.hostname and port is None:              # ":11434" is the client's 127.0.0.1:11434
-        raise bad_host(host, "there is neither a host name nor a port")
+        raise bad_host(host, key=key, why="there is neither a host name nor a port")
     if split.query or split.fragment:
-        raise bad_host(host, "a server address has no ?query or #fragment")
+        raise bad_host(host, key=key, why="a server address has no ?query or #fragment")
 
 
 def excerpt(text: str, limit: int = 120) -> str:
@@ -82,3 +84,4 @@ def not_ollama(http_client, host: str, timeout: float) -> str | None:
     return (f"the server at judge.host={host} does not speak the Ollama API: GET /api/version answered "
             f"HTTP {r.status_code} {excerpt(r.text)!r} instead of {{\"version\": ...}}; set judge.host to "
             f"an Ollama server (`ollama serve` listens on {EXAMPLE})")
+

@@ -43,10 +43,15 @@ def test_defaults():
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("task", TASKS)
 def test_every_task_model_pair_composes(task, model):
-    path_config = model in ("checkpoint", "hf")    # name comes from model=<path> / model=hf:<x>
+    # name comes from model=<path> / model=hf:<x> / model=ollama:<x> / model=openai:<x>
+    path_config = model in ("checkpoint", "hf", "ollama", "openai")
     extra = ["model.name=/tmp/some/checkpoint"] if path_config else []
     cfg = _compose(f"task={task}", f"model={model}", *extra)
     assert cfg.task._target_.startswith("tasks.")
+    served = {"ollama": "models.ollama_lm.load_ollama_lm", "openai": "models.openai_lm.load_openai_lm"}
+    if model in served:                            # a model an API serves: no dtype or device here
+        assert cfg.model._target_ == served[model]
+        return
     assert cfg.model._target_ == ("models.hf.load_hf_lm" if model == "hf" else "models.registry.load_lm")
     assert cfg.model.dtype == "float32" and cfg.model.device == "cpu"
     if not path_config:
