@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pandas as pd
 import pytest
@@ -24,6 +22,7 @@ from models.ollama_lm import OllamaLM
 from models.openai_lm import OpenAILM
 from tasks.instruction_data import ALPACA_STOP, alpaca_prompt
 from test_cli import ENV, ROOT, assert_one_error_line
+from fake_servers import FakeOpenAI
 from test_judge import CountingProxy, FakeOllama, chat_body
 
 ENTRIES = [{"instruction": "Name a primary color.", "input": ""},
@@ -178,43 +177,6 @@ def test_4xx_is_not_retried(fake, tmp_path):
         lm.generate(["Hi"], max_new_tokens=5)
     assert server.chat_requests == 1 and "\n" not in str(e.value)
     assert not list((tmp_path / "c").rglob("*.json"))          # failures are never cached
-
-
-class FakeOpenAI:
-    """/v1/models lists "m"; POST /v1/completions answers behave(n, request) -> (status, body)."""
-
-    def __init__(self, behave):
-        self.behave, self.requests = behave, 0
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _send(self, status: int, body: bytes):
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_GET(self):
-                self._send(200, json.dumps({"object": "list", "data": [
-                    {"id": "m", "object": "model", "created": 0, "owned_by": "test"}]}).encode())
-
-            def do_POST(self):
-                req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                n, owner.requests = owner.requests, owner.requests + 1
-                self._send(*owner.behave(n, req))
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def completion_body(text: str) -> bytes:

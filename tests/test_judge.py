@@ -17,6 +17,7 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from fake_servers import FakeOllama  # noqa: F401  (other test files import it from here)
 
 from harness.judge import Grade, JudgeConfigError, OllamaJudge
 from harness.cli import UserError
@@ -62,49 +63,6 @@ def chat_body(content: str) -> bytes:
     return json.dumps({"model": "judge:latest", "created_at": "2024-01-01T00:00:00Z",
                        "message": {"role": "assistant", "content": content}, "done": True,
                        "done_reason": "stop", "eval_count": 1, "prompt_eval_count": 1}).encode()
-
-
-class FakeOllama:
-    """Lists `models` at /api/tags, answers /api/version like Ollama; /api/chat answers
-    `behave(n, request)` -> (status, body), or None to drop the connection unanswered. Counts chat
-    requests."""
-
-    def __init__(self, behave, models=("judge:latest",)):
-        self.behave, self.models, self.chat_requests = behave, models, 0
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _send(self, status: int, body: bytes):
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_GET(self):
-                if self.path == "/api/version":
-                    return self._send(200, b'{"version": "0.0.0-fake"}')
-                tags = [{"model": m, "name": m, "digest": "d1g35t" + m} for m in owner.models]
-                self._send(200, json.dumps({"models": tags}).encode())
-
-            def do_POST(self):
-                req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                n, owner.chat_requests = owner.chat_requests, owner.chat_requests + 1
-                answer = owner.behave(n, req)
-                if answer is not None:
-                    self._send(*answer)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def kill(self):
-        self.server.shutdown()
-        self.server.server_close()      # the port now refuses connections
 
 
 @pytest.fixture

@@ -3,10 +3,10 @@ them), typed fields out, with 400s that name the field and what it must be. Shar
 route's parser (harness.serve.ollama_api); no HTTP, no torch."""
 from __future__ import annotations
 
-import json
 import math
-import re
 from typing import Any
+
+from harness.serve.json_body import BodyError, decode_object, json_type, shown, wrong_kind  # noqa: F401
 
 
 class ApiError(Exception):
@@ -19,64 +19,25 @@ class ApiError(Exception):
 
 
 def parse_json(raw: bytes) -> dict:
-    if not raw.strip():
-        raise ApiError(400, "missing request body")
     try:
-        body = json.loads(raw)
-        if _SURROGATE_ESCAPE.search(raw):
-            body = _no_lone_surrogates(body)
-    except (UnicodeDecodeError, ValueError) as e:   # ValueError: also an integer over 4300 digits
-        raise ApiError(400, f"invalid JSON body: {e}") from None
-    except RecursionError:
-        raise ApiError(400, "invalid JSON body: nested too deeply") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, f"request body must be a JSON object, got {json_type(body)}")
-    return body
-
-
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-
-
-def _no_lone_surrogates(v: Any) -> Any:
-    """An unpaired surrogate escape ("\\ud800") becomes U+FFFD, as Go's JSON decoder (Ollama's) makes
-    it; Python keeps it, and the tokenizer then fails on a str that is not valid Unicode."""
-    if isinstance(v, str):
-        return v.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-    if isinstance(v, list):
-        return [_no_lone_surrogates(x) for x in v]
-    if isinstance(v, dict):
-        return {_no_lone_surrogates(k): _no_lone_surrogates(x) for k, x in v.items()}
-    return v
+        return decode_object(raw)
+    except BodyError as e:
+        reason = str(e)
+        if reason == "the body is empty":
+            raise ApiError(400, "missing request body") from None
+        if reason.startswith("must be"):
+            raise ApiError(400, f"request body {reason}") from None
+        raise ApiError(400, f"invalid JSON body: {reason}") from None
 
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1   # Go's int: what Ollama's integer options are
-_KINDS = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
-          dict: "an object"}
-
-
-def json_type(v: Any) -> str:
-    names = {bool: "boolean", int: "number", float: "number", str: "string", list: "array", dict: "object"}
-    return "null" if v is None else names.get(type(v), type(v).__name__)
-
-
-def shown(v: Any) -> str:
-    """A bad value in a message: numbers and booleans as written in JSON (cut when long), short
-    strings quoted, anything else by its JSON type."""
-    if isinstance(v, (bool, int, float)):
-        text = json.dumps(v)
-        return text if len(text) <= 24 else f"{text[:20]}... ({len(text.lstrip('-'))} digits)"
-    if isinstance(v, str) and len(v) <= 24:
-        return f"string {json.dumps(v)}"
-    return json_type(v)
-
-
 def typed(v: Any, name: str, kinds: tuple[type, ...], default: Any = None) -> Any:
     """v checked against JSON kinds (None = absent: default; bools are not numbers); a 400 naming
     the field otherwise."""
     if v is None:
         return default
-    if isinstance(v, bool) and bool not in kinds or not isinstance(v, kinds):
-        want = " or ".join(dict.fromkeys(_KINDS[k] for k in kinds if not (k is int and float in kinds)))
+    want = wrong_kind(v, kinds)
+    if want:
         raise ApiError(400, f"{name} must be {want}, got {shown(v)}")
     return v
 

@@ -3,71 +3,32 @@ messages and params, and the fields both completion endpoints share (model, stre
 Pure: no HTTP, no torch."""
 from __future__ import annotations
 
-import json
 import math
-import re
 from dataclasses import dataclass
 from typing import Any
 
+from harness.serve.json_body import BodyError, decode_object, json_type, shown, wrong_kind  # noqa: F401
 from harness.serve.openai_api import (DEFAULT_TEMPERATURE, DEFAULT_TOP_P, GREEDY_BELOW, INT64_MAX, INT64_MIN,
                                       ApiError, ServedModel, model_not_found)
 
 
 def parse_json(raw: bytes) -> dict:
     """The request body as a JSON object, or a 400."""
-    if not raw.strip():
-        raise ApiError(400, "We could not parse the JSON body of your request: the body is empty.")
     try:
-        body = json.loads(raw)
-        if _SURROGATE_ESCAPE.search(raw):
-            body = _no_lone_surrogates(body)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise ApiError(400, f"We could not parse the JSON body of your request: {e}") from None
-    except RecursionError:
-        raise ApiError(400, "We could not parse the JSON body of your request: nested too deeply") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, f"The request body must be a JSON object, got {_json_type(body)}")
-    return body
-
-
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-
-
-def _no_lone_surrogates(v: Any) -> Any:
-    """An unpaired surrogate escape becomes U+FFFD: a str the tokenizer can encode."""
-    if isinstance(v, str):
-        return v.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-    if isinstance(v, list):
-        return [_no_lone_surrogates(x) for x in v]
-    if isinstance(v, dict):
-        return {_no_lone_surrogates(k): _no_lone_surrogates(x) for k, x in v.items()}
-    return v
-
-
-_KINDS = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
-          dict: "an object"}
-
-
-def _json_type(v: Any) -> str:
-    names = {bool: "boolean", int: "number", float: "number", str: "string", list: "array", dict: "object"}
-    return "null" if v is None else names.get(type(v), type(v).__name__)
-
-
-def shown(v: Any) -> str:
-    if isinstance(v, (bool, int, float)):
-        text = json.dumps(v)
-        return text if len(text) <= 24 else f"{text[:20]}... ({len(text.lstrip('-'))} digits)"
-    if isinstance(v, str) and len(v) <= 24:
-        return f"string {json.dumps(v)}"
-    return _json_type(v)
+        return decode_object(raw)
+    except BodyError as e:
+        reason = str(e)
+        if reason.startswith("must be"):
+            raise ApiError(400, f"The request body {reason}") from None
+        raise ApiError(400, f"We could not parse the JSON body of your request: {reason}") from None
 
 
 def typed(v: Any, name: str, kinds: tuple[type, ...], default: Any = None) -> Any:
     """v checked against JSON kinds (None, i.e. absent or null: default; bools are not numbers)."""
     if v is None:
         return default
-    if isinstance(v, bool) and bool not in kinds or not isinstance(v, kinds):
-        want = " or ".join(dict.fromkeys(_KINDS[k] for k in kinds if not (k is int and float in kinds)))
+    want = wrong_kind(v, kinds)
+    if want:
         raise ApiError(400, f"Invalid type for '{name}': expected {want}, but got {shown(v)}.", param=name,
                        code="invalid_type")
     return v
