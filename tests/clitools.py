@@ -34,8 +34,8 @@ def run_module(module: str, *args, cwd: str | os.PathLike = ROOT, env: dict | No
     """`python -m module args` in this process: a CompletedProcess with the exit status and the text
     written to stdout and stderr (logging included). sys.argv, the environment (ENV's variables, or
     `env`), the working directory, the logging setup, torch's thread count and the SIGINT/SIGTERM
-    handlers are restored afterwards. An exception that
-    escapes the entry point is what Python would print for it, with status 1."""
+    handlers are restored afterwards. An exception that escapes the entry point is printed as Python
+    would print it, with status 1 (a Ctrl-C of the test run itself still stops the run)."""
     argv, environ, old_cwd = sys.argv[:], dict(os.environ), os.getcwd()
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
@@ -63,7 +63,7 @@ def run_module(module: str, *args, cwd: str | os.PathLike = ROOT, env: dict | No
                 status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
                 if e.code is not None and not isinstance(e.code, int):
                     print(e.code, file=sys.stderr)
-            except BaseException:  # noqa: BLE001 - what the interpreter would print, status 1
+            except Exception:  # noqa: BLE001 - what the interpreter would print, status 1
                 traceback.print_exc()
                 status = 1
             finally:
