@@ -1,4 +1,7 @@
-"""The catalogue of bad inputs and faults, through the real CLIs in subprocesses.
+"""The catalogue of bad inputs and faults, through the real CLIs: the table's cases run in this
+process (clitools.run_module: the entry point's own __main__ block, its exit status and output;
+a fresh interpreter per case would spend seconds importing torch), the ones that need a process of
+their own (a memory cap, an environment read at import, a kill) in a subprocess.
 
 Every case ends the same way: exit status 2, exactly one `error:` line on stderr (saying what is
 wrong and what to do), no traceback, and the leaderboard, the finished run folder and any file the
@@ -18,7 +21,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from clitools import ENV, ROOT, SHARED
+from clitools import ENV, ROOT, SHARED, run_module
 
 GGUF = SHARED / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 MMLU = ["task=mmlu", "model=gpt-tiny", "task.subjects=[anatomy]", "task.limit=1"]
@@ -53,7 +56,7 @@ def world(tmp_path_factory):
     """A leaderboard with rows and the finished run folder that wrote them."""
     root = tmp_path_factory.mktemp("world")
     board, run_dir = root / "lb.csv", root / "done"
-    p = run("harness", *MMLU, f"leaderboard={board}", f"hydra.run.dir={run_dir}")
+    p = run_module("harness", *MMLU, f"leaderboard={board}", f"hydra.run.dir={run_dir}")
     assert p.returncode == 0, p.stderr[-3000:]
     text = root / "doc.txt"
     text.write_text("A short document to score.\n")
@@ -248,7 +251,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_changes(name, world, tmp_path)
     paths = [a.split("=", 1) for a in map(str, args) if "=" in a and not a.startswith("hydra.")]
     watched = [world.board, world.run, *(Path(v) for _, v in paths if v.startswith("/"))]
     before = snapshot(*watched)
-    p = run(module, *args, **(options[0] if options else {}))
+    p = run(module, *args, **options[0]) if options else run_module(module, *args)
     assert_bad_input(p, *needles)
     assert snapshot(*watched) == before
     assert not list(tmp_path.rglob(".*.tmp")), "a temporary file was left behind"

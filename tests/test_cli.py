@@ -1,21 +1,22 @@
-"""End to end through `python -m harness` in a subprocess, on the tiny random-init models."""
-import os
+"""End to end through `python -m harness` on the tiny random-init models: in this process
+(clitools.run_module: the same entry point, exit status and output, without a fresh interpreter
+importing torch for each command), and in a real subprocess where the test is about the process:
+its exit status and its whole stderr."""
 import subprocess
 import sys
-from pathlib import Path
 
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
-ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-for var, sub in (("HARNESS_DATA", "data"), ("HARNESS_MODELS", "models")):
-    if (SHARED / sub).is_dir():
-        ENV.setdefault(var, str(SHARED / sub))
+from clitools import ENV, ROOT, SHARED, run_module
+
 MMLU = ["task=mmlu", "model=gpt-tiny", "task.subjects=[abstract_algebra,anatomy]", "task.limit=3"]
 
 
 def harness(*args, cwd=ROOT):
+    return run_module("harness", *args, cwd=cwd)
+
+
+def harness_process(*args, cwd=ROOT):
     return subprocess.run([sys.executable, "-m", "harness", *args], cwd=cwd, env=ENV,
                           capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
 
@@ -79,11 +80,11 @@ def test_perplexity_on_a_file(tmp_path):
 
 def test_unknown_task_and_model(tmp_path):
     board = tmp_path / "lb.csv"
-    p = harness("task=nope", f"leaderboard={board}")
+    p = harness_process("task=nope", f"leaderboard={board}")
     assert lines(p.stderr) == [assert_one_error_line(p, "unknown task 'nope'", "mmlu", "perplexity")]
-    p = harness("model=nope", f"leaderboard={board}")
+    p = harness_process("model=nope", f"leaderboard={board}")
     assert lines(p.stderr) == [assert_one_error_line(p, "unknown model 'nope'", "gpt-tiny", "gpt2-124m")]
-    p = harness("-m", "task=mmlu,nope2", f"leaderboard={board}")
+    p = harness_process("-m", "task=mmlu,nope2", f"leaderboard={board}")
     assert_one_error_line(p, "unknown task 'nope2'")
     assert not board.exists()
 

@@ -2,8 +2,6 @@
 and an end-to-end comparison of two real runs."""
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +13,7 @@ from harness.stats import (binomial_two_sided_half, mcnemar_exact, mean_stderr, 
                            paired_bootstrap)
 from tasks.base import Record
 
-from clitools import ENV, ROOT
+from clitools import run_module
 
 
 # --- harness.stats ------------------------------------------------------------------------------
@@ -147,8 +145,8 @@ def test_compare_refuses_incomparable_runs(tmp_path):
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "harness.compare", *args], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    """`python -m harness.compare args`, run in this process (same status and output)."""
+    return run_module("harness.compare", *args)
 
 
 def one_error(p, needle):
@@ -173,8 +171,7 @@ def test_cli_report_json_and_errors(tmp_path):
 
 
 def harness(*args):
-    return subprocess.run([sys.executable, "-m", "harness", *args], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    return run_module("harness", *args)
 
 
 def test_end_to_end_two_real_runs(tmp_path):

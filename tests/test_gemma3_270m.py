@@ -1,22 +1,22 @@
 """The real Gemma 3 270M (Q4_K_M GGUF, models/registry.py's "gemma3-270m") against transformers reading
 the same file, fp32: logits on three prompts (one longer than the 512-token sliding window) and greedy
 generation; then every task through the CLI, one small run each (`python -m harness task=...
-model=gemma3-270m`, about 30 s apiece, most of it loading the model): arc_easy, perplexity, mmlu,
-sms_spam zero-shot and the judged instruct task. Skipped only when the file is absent and cannot be
-fetched."""
+model=gemma3-270m`): arc_easy, perplexity, mmlu, sms_spam zero-shot and the judged instruct task.
+The commands run in this process (clitools.run_module) on the model this module loaded once through
+the registry's own load_model: a fresh process would spend most of its 20-30 s importing torch and
+loading the same file again. Skipped only when the file is absent and cannot be fetched."""
 from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 import time
 
 import pandas as pd
 import pytest
 import torch
 
-from clitools import ENV, ROOT
+import models.registry as registry
+from clitools import ENV, run_module
 from llamacpp import assert_llama_cpp_agrees
 from models.gguf_meta import read_metadata
 from models.generate import generate_tokens
@@ -50,9 +50,24 @@ def path():
 
 
 @pytest.fixture(scope="module")
-def ours(path):
-    model, tokenizer, _ = load_model(NAME)
-    return model.eval(), tokenizer
+def loaded(path):
+    """load_model(NAME) once: (model, tokenizer, info)."""
+    model, tokenizer, info = load_model(NAME)
+    return model.eval(), tokenizer, info
+
+
+@pytest.fixture(scope="module")
+def ours(loaded):
+    return loaded[:2]
+
+
+@pytest.fixture
+def cli(loaded, monkeypatch):
+    """The CLI's model=gemma3-270m gets the loaded model (evaluation does not change its weights);
+    every other name still goes through the registry."""
+    real = registry.load_model
+    monkeypatch.setattr(registry, "load_model", lambda name: loaded if name == NAME else real(name))
+    return run_cli
 
 
 @pytest.fixture(scope="module")
@@ -117,9 +132,8 @@ def run_cli(tmp_path, task: str, *overrides: str, env: dict | None = None) -> tu
     leaderboard: (its records, its leaderboard rows indexed by metric). Every row is this model's and
     task's, finite and with no unscored sample: nothing in these runs has a reason to leave one."""
     run, board = tmp_path / "run", tmp_path / "lb.csv"
-    p = subprocess.run([sys.executable, "-m", "harness", f"task={task}", f"model={NAME}", *overrides,
-                        f"leaderboard={board}", f"hydra.run.dir={run}"], cwd=ROOT, env=env or ENV,
-                       check=False, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    p = run_module("harness", f"task={task}", f"model={NAME}", *overrides, f"leaderboard={board}",
+                   f"hydra.run.dir={run}", env=env or ENV)
     assert p.returncode == 0, p.stderr[-3000:]
     records = [json.loads(line) for line in (run / "records.jsonl").read_text().splitlines() if line.strip()]
     rows = pd.read_csv(board)
@@ -129,17 +143,17 @@ def run_cli(tmp_path, task: str, *overrides: str, env: dict | None = None) -> tu
     return records, rows.set_index("metric")
 
 
-def test_arc_easy_through_the_cli(path, tmp_path):
+def test_arc_easy_through_the_cli(cli, tmp_path):
     assert NAME in MODELS
-    records, rows = run_cli(tmp_path, "arc_easy", "task.limit=20")
+    records, rows = cli(tmp_path, "arc_easy", "task.limit=20")
     assert len(records) == 20 and set(rows.task) == {"arc_easy"}
     assert {"acc", "acc_norm"} <= set(rows.index)
 
 
-def test_perplexity_through_the_cli(path, tmp_path):
+def test_perplexity_through_the_cli(cli, tmp_path):
     # WikiText-2's first article (1,285 tokens) in 1,024-token windows: two windows, the first one
     # twice as long as the local layers' 512-token sliding window
-    records, rows = run_cli(tmp_path, "perplexity", "task.limit=1", "task.max_length=1024")
+    records, rows = cli(tmp_path, "perplexity", "task.limit=1", "task.max_length=1024")
     (record,) = records
     s = record["scores"]
     assert record["extra"]["title"] == "Robert Boulter" and s["tokens"] > 1024
@@ -167,10 +181,10 @@ def loglikelihood(model, tokenizer, context: str, continuation: str, cache: dict
     return sum(logprobs[j, t].item() for j, t in enumerate(whole[len(ctx):]))
 
 
-def test_mmlu_two_shot_through_the_cli(ours, tmp_path):
+def test_mmlu_two_shot_through_the_cli(cli, ours, tmp_path):
     """Two shots make the questions share a long prompt prefix, scored once into the KV cache and
     expanded over the batch: the CLI's log-likelihoods are those of a plain forward over each text."""
-    records, rows = run_cli(tmp_path, "mmlu", "task.subjects=[astronomy]", "task.num_fewshot=2", "task.limit=4")
+    records, rows = cli(tmp_path, "mmlu", "task.subjects=[astronomy]", "task.num_fewshot=2", "task.limit=4")
     assert len(records) == 4 and set(rows.task) == {"mmlu"} and set(rows.split) == {"test"}
     assert set(rows.index) == {"acc", "acc_macro", "acc/astronomy"} and (rows.num_fewshot == 2).all()
     assert rows.value["acc"] == sum(r["scores"]["acc"] for r in records) / 4
@@ -184,9 +198,9 @@ def test_mmlu_two_shot_through_the_cli(ours, tmp_path):
         assert record["prediction"] == "ABCD"[max(range(4), key=lambda i: (got[i], -i))]
 
 
-def test_sms_spam_zero_shot_through_the_cli(path, tmp_path):
+def test_sms_spam_zero_shot_through_the_cli(cli, tmp_path):
     # the test split's first 14 messages: 12 spam, 2 ham
-    records, rows = run_cli(tmp_path, "sms_spam", "task.limit=14")
+    records, rows = cli(tmp_path, "sms_spam", "task.limit=14")
     assert len(records) == 14 and set(rows.task) == {"sms_spam"}
     assert sorted(r["target"] for r in records) == ["ham"] * 2 + ["spam"] * 12
     for r in records:
@@ -203,7 +217,7 @@ def test_end_of_turn_ends_a_generation(ours):
     assert tokenizer.eos_id == 1 and end_of_turn_ids(tokenizer) == [106]
 
 
-def test_instruct_through_the_cli(path, tmp_path):
+def test_instruct_through_the_cli(cli, tmp_path):
     """A base model: no chat template, so the Alpaca prompt; the judge is a stand-in Ollama server on
     127.0.0.1 that gives the n-th request a score of 40 + 10 n and keeps what it was asked."""
     asked = []
@@ -214,7 +228,7 @@ def test_instruct_through_the_cli(path, tmp_path):
 
     server = FakeOllama(judge)
     try:
-        records, rows = run_cli(tmp_path, "instruct", f"judge.host={server.url}", "judge.model=judge",
+        records, rows = cli(tmp_path, "instruct", f"judge.host={server.url}", "judge.model=judge",
                                 "task.limit=3", "task.max_new_tokens=32",
                                 env=dict(ENV, HARNESS_CACHE=str(tmp_path / "cache")))
     finally:

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 
 import pytest
 
-from clitools import ENV, ROOT
+from clitools import run_module
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("lm_eval")
@@ -133,10 +131,8 @@ def test_rewrite_argv_selects_the_hf_config():
 
 def test_cli_scores_mmlu_through_the_hf_backend(hf_folder, tmp_path):
     board = tmp_path / "lb.csv"
-    p = subprocess.run([sys.executable, "-m", "harness", "task=mmlu", f"model=hf:{hf_folder}",
-                        "task.subjects=[anatomy]", "task.limit=3", f"leaderboard={board}",
-                        f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, env=ENV, text=True, capture_output=True,
-                       timeout=300, stdin=subprocess.DEVNULL)
+    p = run_module("harness", "task=mmlu", f"model=hf:{hf_folder}", "task.subjects=[anatomy]", "task.limit=3",
+                   f"leaderboard={board}", f"hydra.run.dir={tmp_path / 'run'}")   # in-process: same status, output
     assert p.returncode == 0, p.stderr[-3000:]
     rows = list(csv.DictReader(board.open()))
     acc = next(r for r in rows if r["metric"] == "acc")

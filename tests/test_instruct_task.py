@@ -1,11 +1,10 @@
 """The judged instruction task: samples and metrics, scoring with a real model, and end to end
-through `python -m harness task=instruct` against the project's Ollama-compatible server."""
+through `python -m harness task=instruct` against the project's Ollama-compatible server (the
+commands run in this process, clitools.run_module: same entry point, status and output)."""
 from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
@@ -14,7 +13,8 @@ from harness.judge import OllamaJudge
 from tasks.base import Record, TaskError
 from tasks.instruct import InstructTask, bootstrap_ci95, judge_input
 from tasks.instruction_data import instruction_split
-from test_cli import ENV, ROOT, assert_one_error_line, lines
+from clitools import ENV, run_module
+from test_cli import assert_one_error_line, lines
 from test_judge import CountingProxy, FakeOllama, chat_body
 
 NOWHERE = "http://127.0.0.1:9"      # never contacted: the judge connects on first use
@@ -170,8 +170,7 @@ def instruct_cli(tmp_path, host, model, *extra):
     env = dict(ENV, HARNESS_CACHE=str(tmp_path / "cache"))
     args = ["task=instruct", "model=smollm2-135m-instruct", f"judge.host={host}", f"judge.model={model}",
             "task.split=val", "task.limit=3", "task.max_new_tokens=32", f"leaderboard={tmp_path / 'lb.csv'}", *extra]
-    return subprocess.run([sys.executable, "-m", "harness", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600, stdin=subprocess.DEVNULL)
+    return run_module("harness", *args, env=env)
 
 
 def test_cli_end_to_end_resume_and_cache(ollama_server, tmp_path):
@@ -210,10 +209,9 @@ def test_cli_end_to_end_resume_and_cache(ollama_server, tmp_path):
 def test_cli_bad_judge_host_stops_before_the_model_loads(tmp_path):
     # the checkpoint does not exist: had the model been loaded first, that would be the error
     env = dict(ENV, HARNESS_CACHE=str(tmp_path / "cache"))
-    p = subprocess.run([sys.executable, "-m", "harness", "task=instruct", "model=checkpoint",
-                        f"model.name={tmp_path / 'no-such-checkpoint'}", "judge.host=notaurl::::",
-                        f"hydra.run.dir={tmp_path / 'run'}", f"leaderboard={tmp_path / 'lb.csv'}"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    p = run_module("harness", "task=instruct", "model=checkpoint", f"model.name={tmp_path / 'no-such-checkpoint'}",
+                   "judge.host=notaurl::::", f"hydra.run.dir={tmp_path / 'run'}", f"leaderboard={tmp_path / 'lb.csv'}",
+                   env=env)
     assert_one_error_line(p, "judge.host='notaurl::::'", "a valid value looks like http://127.0.0.1:11434")
     assert "no-such-checkpoint" not in p.stderr and not (tmp_path / "lb.csv").exists()
 
@@ -233,8 +231,7 @@ def test_cli_judge_outage_appends_nothing_and_a_rerun_scores(tmp_path):
     env = dict(ENV, HARNESS_CACHE=str(tmp_path / "cache"))
 
     def cli():
-        return subprocess.run([sys.executable, "-m", "harness", *args], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=600, stdin=subprocess.DEVNULL)
+        return run_module("harness", *args, env=env)
 
     try:
         p = cli()

@@ -1,17 +1,11 @@
 """The comparable leaderboard table: columns split by comparability keys, latest/best cells, outputs."""
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from clitools import ROOT, run_module
 from harness.leaderboard import append_rows
 from harness.render import RenderError, build_table, format_cell, load, prepare, render, to_markdown
-
-ROOT = Path(__file__).resolve().parent.parent
-ENV = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
 
 
 def row(model, metric, value, *, time, task="mmlu", version="v1aaaa", shots=0, stderr=0.02, n=100,
@@ -135,8 +129,8 @@ def test_render_writes_all_outputs(board, tmp_path):
 
 
 def cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "harness.leaderboard", *args], cwd=cwd, env=ENV,
-                          capture_output=True, text=True, timeout=120)
+    """`python -m harness.leaderboard args`, run in this process (same status and output)."""
+    return run_module("harness.leaderboard", *args, cwd=cwd)
 
 
 def test_cli_prints_table_and_writes_files(board, tmp_path):
