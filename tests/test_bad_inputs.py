@@ -225,6 +225,14 @@ def _cases(w, tmp: Path) -> dict:
         "serve_port_not_a_number": ("harness.serve", ["model=gpt-tiny", "port=abc"], ["port='abc'"]),
         "serve_port_out_of_range": ("harness.serve", ["model=gpt-tiny", "port=99999"], ["port=99999"]),
         "export_out_is_a_folder": ("harness.export", ["model=gpt-tiny", f"out={gguf_folder}"], ["is a folder"]),
+        "serve_max_batch_zero": ("harness.serve", ["model=gpt-tiny", "max_batch=0"], ["max_batch=0", "1 or more"]),
+        # API-served models: nothing listens on port 9 of loopback (the discard port)
+        "openai_server_unreachable": ("harness", [*MMLU[:1], "model=openai:m", "model.base_url=http://127.0.0.1:9/v1",
+                                                  *eval_args(w, tmp)[2:]],
+                                      ["model.base_url=http://127.0.0.1:9/v1", "cannot reach"]),
+        "ollama_server_unreachable": ("harness", [*MMLU[:1], "model=ollama:m", "model.host=http://127.0.0.1:9",
+                                                  *eval_args(w, tmp)[2:]],
+                                      ["model.host=http://127.0.0.1:9", "cannot reach Ollama"]),
     }
 
 
@@ -239,7 +247,7 @@ CASE_NAMES = [
     "serve_hf_model",
     "train_unknown_recipe", "train_resume_must_without_a_run", "train_resume_not_bool",
     "compare_out_is_a_folder", "compare_missing_b", "serve_port_not_a_number", "serve_port_out_of_range",
-    "export_out_is_a_folder",
+    "export_out_is_a_folder", "serve_max_batch_zero", "openai_server_unreachable", "ollama_server_unreachable",
 ]
 
 
