@@ -45,7 +45,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 from harness.serve.ollama_fields import ApiError, float_field, int_field, parse_json, shown, typed, typed_field  # noqa: F401
-from harness.serve.ollama_model import UNSUPPORTED, ModelCard, not_supported, parse_pull, pull_progress  # noqa: F401
+from harness.serve.ollama_model import (UNSUPPORTED, ModelCard, not_supported, parse_pull, pull_progress,  # noqa: F401
+                                        requested_model)
 from harness.serve.ollama_logprobs import MAX_TOP_LOGPROBS
 from harness.serve.ollama_templates import ChatTemplate, render_go_template  # noqa: F401
 from harness.serve.ollama_tools import message_extras, parse_tools
@@ -168,11 +169,7 @@ def parse_logprobs(body: dict) -> int | None:
 
 
 def _common(body: dict, card: ModelCard) -> _Common:
-    model = typed_field(body, "model", (str,), "")
-    if not model:
-        raise ApiError(400, "model is required")
-    if not card.matches(model):
-        raise ApiError(404, f"model '{model}' not found")
+    model = requested_model(body, card)
     # think is accepted and ignored: no reasoning split; keep_alive 0 only changes the empty
     # request's answer, the one model stays loaded
     unload = parse_keep_alive(body.get("keep_alive")) == 0

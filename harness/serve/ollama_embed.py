@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from harness.serve.ollama_api import parse_keep_alive
 from harness.serve.ollama_fields import ApiError, int_field, shown, typed_field
-from harness.serve.ollama_model import ModelCard
+from harness.serve.ollama_model import ModelCard, requested_model
 
 # GGUF's <arch>.pooling_type values (llama.cpp's enum llama_pooling_type), shown in /api/show
 GGUF_POOLING_TYPE = {"none": 0, "mean": 1, "cls": 2, "last": 3}
@@ -29,15 +29,6 @@ class EmbedJob:
     normalize: bool = True          # False: the legacy /api/embeddings
 
 
-def _model(body: dict, card: ModelCard) -> str:
-    model = typed_field(body, "model", (str,), "")
-    if not model:
-        raise ApiError(400, "model is required")
-    if not card.matches(model):
-        raise ApiError(404, f"model '{model}' not found")
-    return model
-
-
 def _num_ctx(body: dict) -> int | None:
     options = body.get("options")
     if options is not None and not isinstance(options, dict):
@@ -47,7 +38,7 @@ def _num_ctx(body: dict) -> int | None:
 
 def parse_embed(body: dict, card: ModelCard, dim: int) -> EmbedJob:
     """/api/embed: input is a string or a list of strings ("" or [] only loads the model)."""
-    model = _model(body, card)
+    model = requested_model(body, card)
     parse_keep_alive(body.get("keep_alive"))
     raw = body.get("input")
     if raw is None or isinstance(raw, str):
@@ -65,7 +56,7 @@ def parse_embed(body: dict, card: ModelCard, dim: int) -> EmbedJob:
 
 def parse_embeddings(body: dict, card: ModelCard) -> EmbedJob:
     """/api/embeddings (legacy): one `prompt`; "" only loads the model."""
-    model = _model(body, card)
+    model = requested_model(body, card)
     parse_keep_alive(body.get("keep_alive"))
     prompt = typed_field(body, "prompt", (str,), "")
     return EmbedJob(model, (prompt,) if prompt else (), True, None, _num_ctx(body), normalize=False)

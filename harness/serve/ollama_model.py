@@ -58,6 +58,17 @@ class ModelCard:
 
 
 
+def requested_model(body: dict, card: ModelCard) -> str:
+    """The `model` of a chat, generate or embed request, as the client spelled it (echoed back, like
+    Ollama); 400 when absent, 404 when it is not the served model."""
+    model = typed_field(body, "model", (str,), "")
+    if not model:
+        raise ApiError(400, "model is required")
+    if not card.matches(model):
+        raise ApiError(404, f"model '{model}' not found")
+    return model
+
+
 # ----------------------------------------------------------------------------- model management
 
 def parse_pull(body: dict, card: ModelCard) -> tuple[str, bool]:
