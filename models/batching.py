@@ -165,11 +165,8 @@ class BatchDecoder:
     # ------------------------------------------------------------------ the cache's columns
 
     def _view(self, n: int) -> KVCache:
-        """The first n rows of the batch cache, as a KVCache the model writes into in place."""
-        view = KVCache.__new__(KVCache)
-        view.k, view.v = self.cache.k[:, :n], self.cache.v[:, :n]
-        view.length, view.capacity = self.length, self.cache.capacity
-        return view
+        """The first n rows of the batch cache, filled up to `length`; the model writes in place."""
+        return self.cache.first_rows(n, self.length)
 
     def _place(self, row: Row, alone: KVCache) -> None:
         """Copy a prefilled row into the next free slot, its last prompt column at `length` - 1."""

@@ -35,6 +35,14 @@ class KVCache:
         """Called by the model once every layer has written its n new positions."""
         self.length += n
 
+    def first_rows(self, n: int, length: int) -> "KVCache":
+        """A cache over rows [0, n) of this one's memory (writes land here), `length` positions
+        filled: a batch that runs fewer rows than it has slots (models/batching.py)."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = self.k[:, :n], self.v[:, :n]
+        view.length, view.capacity = length, self.capacity
+        return view
+
     def expand(self, batch: int, extra: int) -> "KVCache":
         """A new cache of `batch` rows, each starting with this (1-row) cache's positions, with room
         for `extra` more."""

@@ -215,12 +215,18 @@ class Engine:
         self.waiting.extend(item for item in items if item is not None)
         return None not in items
 
-    def _fail_all(self, error: BaseException) -> None:
-        failed = [*self.active.values(), *self.waiting]
+    def _fail_active(self, error: BaseException) -> None:
+        """Every row in the batch fails; the batch cache (its state now unknown) is dropped."""
+        failed = list(self.active.values())
         self.active.clear()
-        self.waiting.clear()
         self.batch.reset()
         for req in failed:
+            req.fail(error)
+
+    def _fail_all(self, error: BaseException) -> None:
+        self._fail_active(error)
+        waiting, self.waiting = self.waiting, deque()
+        for req in waiting:
             req.fail(error)
 
     def _admit(self) -> None:
@@ -269,12 +275,8 @@ class Engine:
     def _step(self) -> None:
         try:
             finished = self.batch.step()
-        except BaseException as e:           # the batch cache is in an unknown state: every row fails
-            failed = list(self.active.values())
-            self.active.clear()
-            self.batch.reset()
-            for req in failed:
-                req.fail(e)
+        except BaseException as e:
+            self._fail_active(e)
             return
         for row in finished:
             self._finish(self.active.pop(row))
