@@ -28,12 +28,9 @@ from models.protocol import cut_at_stop
 log = logging.getLogger("harness")
 
 
-def load_ollama_lm(name: str, host: str = "http://127.0.0.1:11434", timeout: float = 600, retries: int = 3,
-                   backoff_s: float = 1.0, concurrency: int = 1, num_ctx: int | None = None, cache: bool = True,
-                   cache_dir: str | None = None, progress: bool = True) -> "OllamaLM":
-    """The `conf/model/ollama.yaml` target."""
-    return OllamaLM(str(name), str(host), timeout=timeout, retries=retries, backoff_s=backoff_s,
-                    concurrency=concurrency, num_ctx=num_ctx, cache=cache, cache_dir=cache_dir, progress=progress)
+def load_ollama_lm(name: str, host: str = "http://127.0.0.1:11434", **options) -> "OllamaLM":
+    """The `conf/model/ollama.yaml` target (options: OllamaLM's keywords, as the config names them)."""
+    return OllamaLM(str(name), str(host), **options)
 
 
 class OllamaLM(ApiLM):

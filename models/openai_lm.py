@@ -37,14 +37,9 @@ log = logging.getLogger("harness")
 MAX_STOP = 4     # stop strings the OpenAI API accepts in one request
 
 
-def load_openai_lm(name: str, base_url: str = "http://127.0.0.1:8000/v1", api_key_env: str | None = None,
-                   timeout: float = 600, retries: int = 3, backoff_s: float = 1.0, concurrency: int = 1,
-                   batch_size: int = 8, cache: bool = True, cache_dir: str | None = None,
-                   progress: bool = True) -> "OpenAILM":
-    """The `conf/model/openai.yaml` target."""
-    return OpenAILM(str(name), str(base_url), api_key_env=api_key_env, timeout=timeout, retries=retries,
-                    backoff_s=backoff_s, concurrency=concurrency, batch_size=batch_size, cache=cache,
-                    cache_dir=cache_dir, progress=progress)
+def load_openai_lm(name: str, base_url: str = "http://127.0.0.1:8000/v1", **options) -> "OpenAILM":
+    """The `conf/model/openai.yaml` target (options: OpenAILM's keywords, as the config names them)."""
+    return OpenAILM(str(name), str(base_url), **options)
 
 
 class OpenAILM(ApiLM):
