@@ -21,7 +21,6 @@ from typing import Callable, Sequence
 
 import torch
 
-from harness.serve.card import describe_model  # noqa: F401  (its home before card.py)
 from harness.serve.ollama_api import Abandoned, ApiError, Job, Outcome
 from harness.serve.scoring import LogprobRecorder
 from models.batching import BatchDecoder, Row

@@ -12,7 +12,7 @@ from harness.serve.ollama_fields import ApiError, typed_field
 
 @dataclass
 class ModelCard:
-    """What the API says about the one served model (built by harness.serve.engine.describe_model)."""
+    """What the API says about the one served model (built by harness.serve.card.describe_model)."""
     name: str                      # "x" is served as "x:latest" and answers to both
     digest: str                    # sha256 hex of the weights file(s): stable per weights
     size: int                      # bytes of the weights on disk
