@@ -230,6 +230,11 @@ def _cases(w, tmp: Path) -> dict:
         "openai_server_unreachable": ("harness", [*MMLU[:1], "model=openai:m", "model.base_url=http://127.0.0.1:9/v1",
                                                   *eval_args(w, tmp)[2:]],
                                       ["model.base_url=http://127.0.0.1:9/v1", "cannot reach"]),
+        "openai_base_url_not_a_url": ("harness", [*MMLU[:1], "model=openai:m", "model.base_url=localhost:8000",
+                                                  *eval_args(w, tmp)[2:]],
+                                      ["model.base_url='localhost:8000'", "http://127.0.0.1:8000/v1"]),
+        "api_model_concurrency_zero": ("harness", [*MMLU[:1], "model=ollama:m", "model.concurrency=0",
+                                                   *eval_args(w, tmp)[2:]], ["model.concurrency >= 1"]),
         "ollama_server_unreachable": ("harness", [*MMLU[:1], "model=ollama:m", "model.host=http://127.0.0.1:9",
                                                   *eval_args(w, tmp)[2:]],
                                       ["model.host=http://127.0.0.1:9", "cannot reach Ollama"]),
@@ -248,6 +253,7 @@ CASE_NAMES = [
     "train_unknown_recipe", "train_resume_must_without_a_run", "train_resume_not_bool",
     "compare_out_is_a_folder", "compare_missing_b", "serve_port_not_a_number", "serve_port_out_of_range",
     "export_out_is_a_folder", "serve_max_batch_zero", "openai_server_unreachable", "ollama_server_unreachable",
+    "openai_base_url_not_a_url", "api_model_concurrency_zero",
 ]
 
 
