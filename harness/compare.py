@@ -1,9 +1,12 @@
 """python -m harness.compare a=<run folder> b=<run folder> [metric=auto] [n_resamples=10000] [seed=0]
 [out=<file.json>]: is run a better than run b on the same samples, or is it noise?
 
-Both runs' records.jsonl are paired by sample id. The runs must be of the same task and task
-version (run.json's key) and hold the same sample ids; otherwise the comparison is refused with the
-reason. Samples unscored in either run are left out and listed.
+Both runs' records.jsonl are paired by sample id AND the sample's data hash (`data_hash`: what the
+question, choices and answer are, not how they were prompted). The runs must be of the same task and
+hold the same sample ids with the same data; otherwise the comparison is refused with the reason.
+Runs whose prompts differ (task version, few-shot count, template: 0-shot vs 5-shot on the same MMLU
+questions) are compared, with one `note` line saying what differs, because the per-sample scores are
+of the same questions and so pair. Samples unscored in either run are left out and listed.
 
 - 0/1 per-sample scores (mmlu / sms_spam / multiple-choice `acc`, `acc_norm`): exact McNemar test
   on the discordant pairs, plus a paired-bootstrap 95% CI of the accuracy difference.
@@ -29,11 +32,16 @@ from omegaconf import DictConfig
 from harness.cli import UserError, exit_after, int_option, run_cli
 from harness.records import load_records
 from harness.stats import mcnemar_exact, paired_bootstrap
+from tasks.base import Record, text_hash
 
 DERIVED = {"loglikelihood_per_word": ("loglikelihood", "words"),
            "loglikelihood_per_byte": ("loglikelihood", "bytes")}
 AUTO_ORDER = ("acc", "score", "loglikelihood_per_word")
 USAGE = "python -m harness.compare a=<run folder> b=<run folder> [metric=auto] [out=<file.json>]"
+# Record fields that say what the sample IS (its data), never how it was prompted or answered.
+# Records do not store a hash of their sample's data, so data_hash derives one from these.
+DATA_EXTRA = ("data_hash", "subject", "title")     # Record.extra keys (mmlu subject, document title)
+DATA_SCORES = ("words", "bytes")                    # perplexity: the document's own length
 
 
 class CompareError(UserError):
@@ -45,6 +53,36 @@ class Run:
     path: Path
     key: dict                    # run.json's key: task, task_version, model, checkpoint_sha, ...
     scores: dict[str, dict]      # sample id -> that sample's scores (the first record, as the engine uses)
+    data: dict[str, str]         # sample id -> data_hash of that record
+    prompts: dict[str, str]      # sample id -> prompt_hash (differs between prompt variants)
+    settings: dict               # the run's task config (.hydra/config.yaml `task`), {} when absent
+
+
+def data_hash(r: Record) -> str:
+    """What the sample is, hashed: the gold answer (`target`), the number of choices (the length of
+    `extra.loglikelihoods`), the subject / document title and a perplexity document's word and byte
+    counts, plus `extra.data_hash` if a task stores one. Records carry no hash of their sample's data,
+    so it is derived from what they hold; the question text itself is only in the sample id (mmlu,
+    sms_spam, instruct and perplexity ids end in a hash of it). Prompt-only fields (prompt_hash,
+    extra.num_fewshot, extra.prompt) and the model's outputs are left out, so prompt variants of
+    one question hash equal."""
+    fields: dict = {"target": r.target}
+    fields.update({k: r.extra[k] for k in DATA_EXTRA if k in r.extra})
+    fields.update({k: r.scores[k] for k in DATA_SCORES if (r.scores or {}).get(k) is not None})
+    if isinstance(r.extra.get("loglikelihoods"), list):
+        fields["n_choices"] = len(r.extra["loglikelihoods"])
+    return text_hash(json.dumps(fields, sort_keys=True, default=str))
+
+
+def _task_settings(folder: Path) -> dict:
+    """The task's config as hydra saved it next to the run (num_fewshot, template, ...): only used
+    to say which prompt settings differ, so a missing or unreadable file is no error."""
+    from omegaconf import OmegaConf
+    try:
+        task = OmegaConf.to_container(OmegaConf.load(folder / ".hydra" / "config.yaml")).get("task")
+    except Exception:   # noqa: BLE001 - absent, not YAML, not a dict: nothing to name
+        return {}
+    return task if isinstance(task, dict) else {}
 
 
 def load_run(path: str | Path, which: str) -> Run:
@@ -61,24 +99,42 @@ def load_run(path: str | Path, which: str) -> Run:
     except (ValueError, KeyError, TypeError) as e:
         raise CompareError(f"{state_path}: not a harness run.json ({type(e).__name__}: {e})") from None
     scores: dict[str, dict] = {}
+    data: dict[str, str] = {}
+    prompts: dict[str, str] = {}
     for r in load_records(records_path):
-        scores.setdefault(r.sample_id, r.scores or {})
+        if r.sample_id not in scores:
+            scores[r.sample_id] = r.scores or {}
+            data[r.sample_id], prompts[r.sample_id] = data_hash(r), r.prompt_hash
     if not scores:
         raise CompareError(f"{which}={path}: records.jsonl holds no records")
-    return Run(folder, key, scores)
+    return Run(folder, key, scores, data, prompts, _task_settings(folder))
 
 
-def check_comparable(a: Run, b: Run) -> None:
-    for k, what in (("task", "tasks"), ("task_version", "task versions")):
-        if a.key.get(k) != b.key.get(k):
-            hint = " (different prompts, few-shot count or data: per-sample scores do not pair)" \
-                if k == "task_version" else ""
-            raise CompareError(f"the runs' {what} differ: a is {a.key.get(k)!r}, b is {b.key.get(k)!r}{hint}")
+def check_comparable(a: Run, b: Run) -> str | None:
+    """Refuse runs that did not score the same data; return a one-line note when only the prompts
+    differ (None when nothing does)."""
+    if a.key.get("task") != b.key.get("task"):
+        raise CompareError(f"the runs' tasks differ: a is {a.key.get('task')!r}, b is {b.key.get('task')!r}")
     only_a, only_b = sorted(set(a.scores) - set(b.scores)), sorted(set(b.scores) - set(a.scores))
     if only_a or only_b:
         examples = "; ".join(f"{ids[0]} only in {w}" for ids, w in ((only_a, "a"), (only_b, "b")) if ids)
         raise CompareError(f"the runs scored different samples: {len(only_a)} only in a, {len(only_b)} only "
                            f"in b (e.g. {examples}); score both with the same task.limit / subjects")
+    ids = sorted(a.scores)
+    changed = [i for i in ids if a.data[i] != b.data[i]]
+    if changed:
+        raise CompareError(f"the runs scored different data: sample {changed[0]} has data hash {a.data[changed[0]]} "
+                           f"in a, {b.data[changed[0]]} in b ({len(changed)} of {len(ids)} samples differ); "
+                           "compare runs made from the same data files and split")
+    if a.key.get("task_version") == b.key.get("task_version"):
+        return None
+    keys = sorted(set(a.settings) | set(b.settings))
+    differ = [f"task.{k} {a.settings.get(k)!r} vs {b.settings.get(k)!r}" for k in keys
+              if a.settings.get(k) != b.settings.get(k)]
+    what = ", ".join(differ) if differ else f"task version {a.key.get('task_version')} vs {b.key.get('task_version')}"
+    n_prompts = sum(a.prompts[i] != b.prompts[i] for i in ids)
+    return (f"prompt settings differ ({what}; {n_prompts} of {len(ids)} prompts differ); "
+            "paired on the same data by sample id and data hash")
 
 
 def _keys(run: Run) -> set[str]:
@@ -112,7 +168,7 @@ def _value(scores: dict, metric: str) -> tuple[float | None, float]:
 
 def compare(a: Run, b: Run, metric: str = "auto", n_resamples: int = 10_000, seed: int = 0) -> dict:
     """The comparison as a JSON-ready dict (see format_report for the readable form)."""
-    check_comparable(a, b)
+    note = check_comparable(a, b)
     metric = choose_metric(a, b, metric)
     ids = sorted(a.scores)
     va = {i: _value(a.scores[i], metric) for i in ids}
@@ -130,13 +186,15 @@ def compare(a: Run, b: Run, metric: str = "auto", n_resamples: int = 10_000, see
     binary = metric not in DERIVED and bool(np.isin(np.concatenate([xa, xb]), (0.0, 1.0)).all())
     out = dict(task=a.key.get("task"), task_version=a.key.get("task_version"), metric=metric,
                test="mcnemar_exact" if binary else "paired_bootstrap",
-               a=dict(run=str(a.path), model=a.key.get("model"), mean=boot.mean_a),
-               b=dict(run=str(b.path), model=b.key.get("model"), mean=boot.mean_b),
+               a=dict(run=str(a.path), model=a.key.get("model"), task_version=a.key.get("task_version"),
+                      mean=boot.mean_a),
+               b=dict(run=str(b.path), model=b.key.get("model"), task_version=b.key.get("task_version"),
+                      mean=boot.mean_b),
                n_paired=len(paired), difference=boot.difference, ci95=[boot.ci_low, boot.ci_high],
                p_value=boot.p_value,
                bootstrap=dict(n_resamples=boot.n_resamples, seed=boot.seed, p_value=boot.p_value,
                               p_value_method="shifted-null (Efron & Tibshirani 16.4)"),
-               unscored=dict(a=unscored_a, b=unscored_b, excluded=len(ids) - len(paired)))
+               unscored=dict(a=unscored_a, b=unscored_b, excluded=len(ids) - len(paired)), note=note)
     if binary:
         mc = mcnemar_exact(xa, xb)
         out["mcnemar"] = dict(a_right_b_wrong=mc.a_only, a_wrong_b_right=mc.b_only, p_value=mc.p_value)
@@ -154,7 +212,9 @@ def _ids(ids: list[str], limit: int = 10) -> str:
 
 def format_report(r: dict) -> str:
     m = r["metric"]
-    lines = [f"task        {r['task']} (version {r['task_version']})",
+    versions = r['task_version'] if r["a"].get("task_version") == r["b"].get("task_version") \
+        else f"a {r['a']['task_version']}, b {r['b']['task_version']}"
+    lines = [f"task        {r['task']} (version {versions})",
              f"metric      {m} ({'0/1 per sample: exact McNemar test' if r['test'] == 'mcnemar_exact' else 'paired bootstrap'})"]
     for side in ("a", "b"):
         s = r[side]
@@ -175,6 +235,8 @@ def format_report(r: dict) -> str:
         lines.append(f"p-value     {mc['p_value']:.6g} (exact McNemar, two-sided)")
     else:
         lines.append(f"p-value     {r['p_value']:.6g} (paired bootstrap, shifted null, two-sided)")
+    if r.get("note"):
+        lines.append(f"note        {r['note']}")
     if r["n_paired"] < 20:
         lines.append("note        fewer than 20 paired samples: the bootstrap interval is rough (too narrow)")
     return "\n".join(lines) + "\n"

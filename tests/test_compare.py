@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness.compare import CompareError, compare, load_run
+from harness.compare import CompareError, compare, data_hash, load_run
 from harness.records import RecordWriter, load_records
 from harness.stats import (binomial_two_sided_half, mcnemar_exact, mean_stderr, normal_ci,
                            paired_bootstrap)
@@ -75,12 +75,14 @@ def test_paired_bootstrap_is_seeded_and_close_to_normal_theory():
 
 # --- harness.compare on records written by the real RecordWriter ---------------------------------
 
-def fake_run(folder: Path, scores: dict, task="mmlu", version="v1", model="m") -> Path:
+def fake_run(folder: Path, scores: dict, task="mmlu", version="v1", model="m", targets=None,
+             prompt_hash="h") -> Path:
     folder.mkdir(parents=True)
     (folder / "run.json").write_text(json.dumps({"key": {"task": task, "task_version": version, "model": model,
                                                          "seed": 1234}, "run_id": "x", "scoring_s": 0.0}))
     with RecordWriter(folder / "records.jsonl") as w:
-        w.write([Record(sample_id=i, prompt_hash="h", prediction=None, target=None, scores=s)
+        w.write([Record(sample_id=i, prompt_hash=prompt_hash, prediction=None, target=(targets or {}).get(i),
+                        scores=s)
                  for i, s in scores.items()])
     return folder
 
@@ -134,8 +136,10 @@ def test_compare_refuses_incomparable_runs(tmp_path):
     rb = fake_run(tmp_path / "b", {"s1": {"acc": 1}, "s4": {"acc": 0}, "s5": {"acc": 0}})
     with pytest.raises(CompareError, match="2 only in a, 2 only in b"):
         compare(load_run(ra, "a"), load_run(rb, "b"))
-    rv = fake_run(tmp_path / "v", {"s1": {"acc": 1}, "s2": {"acc": 0}, "s3": {"acc": 1}}, version="v2")
-    with pytest.raises(CompareError, match="task versions differ: a is 'v1', b is 'v2'"):
+    # another task version over the same data is compared (below); over other data it is refused
+    rv = fake_run(tmp_path / "v", {"s1": {"acc": 1}, "s2": {"acc": 0}, "s3": {"acc": 1}}, version="v2",
+                  targets={"s2": "B"})
+    with pytest.raises(CompareError, match=r"different data: sample s2 has data hash \w+ in a, \w+ in b \(1 of 3 samples differ\)"):
         compare(load_run(ra, "a"), load_run(rv, "b"))
     rt = fake_run(tmp_path / "t", {"s1": {"acc": 1}}, task="arc")
     with pytest.raises(CompareError, match="tasks differ"):
@@ -194,3 +198,74 @@ def test_end_to_end_two_real_runs(tmp_path):
     b_only = sum(a[i] == 0 and b[i] == 1 for i in a)
     assert result["mcnemar"]["a_right_b_wrong"] == a_only and result["mcnemar"]["a_wrong_b_right"] == b_only
     assert result["p_value"] == binomial_two_sided_half(a_only, a_only + b_only)
+
+
+# --- prompt variants of the same data pair; other data does not ---------------------------------
+
+def test_data_hash_ignores_prompt_fields_only():
+    base = Record("anatomy/test/0000-ab", "p0", "A", "B", {"acc": 0.0},
+                  {"subject": "anatomy", "loglikelihoods": [-1.0, -2.0, -3.0, -4.0]})
+    shots = Record("anatomy/test/0000-ab", "p5", "B", "B", {"acc": 1.0},
+                   {"subject": "anatomy", "num_fewshot": 3, "loglikelihoods": [-5.0, -1.0, -6.0, -7.0]})
+    assert data_hash(base) == data_hash(shots)
+    for other in (Record(base.sample_id, "p0", "A", "C", {"acc": 0.0}, dict(base.extra)),          # answer
+                  Record(base.sample_id, "p0", "A", "B", {"acc": 0.0}, {"subject": "virology",
+                                                                         "loglikelihoods": [0.0] * 4}),
+                  Record(base.sample_id, "p0", "A", "B", {"acc": 0.0}, {"subject": "anatomy",
+                                                                         "loglikelihoods": [0.0] * 3})):
+        assert data_hash(other) != data_hash(base)
+
+
+def test_other_task_version_same_data_is_compared_with_a_note(tmp_path):
+    scores = {"s1": {"acc": 1}, "s2": {"acc": 0}, "s3": {"acc": 1}}
+    ra = fake_run(tmp_path / "a", scores, targets={"s1": "A", "s2": "C", "s3": "D"})
+    rb = fake_run(tmp_path / "b", {"s1": {"acc": 0}, "s2": {"acc": 0}, "s3": {"acc": 1}}, version="v2",
+                  targets={"s1": "A", "s2": "C", "s3": "D"}, prompt_hash="h5")
+    r = compare(load_run(ra, "a"), load_run(rb, "b"), n_resamples=100)
+    assert r["note"] == ("prompt settings differ (task version v1 vs v2; 3 of 3 prompts differ); "
+                         "paired on the same data by sample id and data hash")
+    assert r["mcnemar"] == {"a_right_b_wrong": 1, "a_wrong_b_right": 0, "p_value": 1.0}
+    assert (r["a"]["task_version"], r["b"]["task_version"]) == ("v1", "v2")
+    assert compare(load_run(ra, "a"), load_run(ra, "b"), n_resamples=100)["note"] is None
+
+
+def mmlu_run(tmp_path, name, *args):
+    folder = tmp_path / name
+    p = harness("task=mmlu", "model=gpt-tiny", "task.limit=12", f"leaderboard={tmp_path / 'lb.csv'}",
+                f"hydra.run.dir={folder}", *args)
+    assert p.returncode == 0, p.stderr
+    return folder
+
+
+def test_zero_vs_five_shot_mmlu_pair_and_other_data_is_refused(tmp_path):
+    zero = mmlu_run(tmp_path, "zero", "task.subjects=[anatomy]", "task.num_fewshot=0")
+    five = mmlu_run(tmp_path, "five", "task.subjects=[anatomy]", "task.num_fewshot=5")
+    assert json.loads((zero / "run.json").read_text())["key"]["task_version"] != \
+        json.loads((five / "run.json").read_text())["key"]["task_version"]
+    out = tmp_path / "cmp.json"
+    p = cli(f"a={five}", f"b={zero}", f"out={out}", "n_resamples=1000")
+    assert p.returncode == 0, p.stderr
+    assert ("note        prompt settings differ (task.num_fewshot 5 vs 0; 12 of 12 prompts differ); "
+            "paired on the same data by sample id and data hash\n") in p.stdout
+    result = json.loads(out.read_text())
+    a = {r.sample_id: r.scores["acc"] for r in load_records(five / "records.jsonl")}
+    b = {r.sample_id: r.scores["acc"] for r in load_records(zero / "records.jsonl")}
+    a_only = sum(a[i] == 1 and b[i] == 0 for i in a)
+    b_only = sum(a[i] == 0 and b[i] == 1 for i in a)
+    assert result["n_paired"] == 12 and (a_only, b_only) == (result["mcnemar"]["a_right_b_wrong"],
+                                                             result["mcnemar"]["a_wrong_b_right"])
+    assert result["p_value"] == binomial_two_sided_half(a_only, a_only + b_only)
+    assert f"p-value     {result['p_value']:.6g} (exact McNemar, two-sided)" in p.stdout
+
+    other = mmlu_run(tmp_path, "astronomy", "task.subjects=[astronomy]", "task.num_fewshot=5")
+    one_error(cli(f"a={five}", f"b={other}"), "12 only in a, 12 only in b (e.g. anatomy/test/0000-")
+    # the same sample ids over other data (a data file edited between the runs): one answer changed
+    edited = tmp_path / "edited"
+    edited.mkdir()
+    (edited / "run.json").write_text((zero / "run.json").read_text())
+    records = load_records(zero / "records.jsonl")
+    wrong = {"A": "B", "B": "C", "C": "D", "D": "A"}[records[4].target]
+    records[4] = Record(**{**records[4].__dict__, "target": wrong})
+    with RecordWriter(edited / "records.jsonl") as w:
+        w.write(records)
+    one_error(cli(f"a={five}", f"b={edited}"), f"different data: sample {records[4].sample_id} has data hash")
