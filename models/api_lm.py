@@ -94,7 +94,7 @@ class ApiLM:
 
     def refused(self, endpoint: str, error: Exception) -> Exception:
         """The one-line error for a final (4xx) answer; backends name their own cases first."""
-        from harness.judge_host import excerpt
+        from harness.judge.host import excerpt
         return UserError(f"{self.name} at {self.where} refused {endpoint}: {excerpt(str(error), 300)}")
 
     def map(self, fn: Callable, items: Sequence, desc: str) -> list:

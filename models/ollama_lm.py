@@ -20,7 +20,7 @@ import logging
 from typing import Sequence
 
 from harness.cli import UserError
-from harness.judge_host import check_host
+from harness.judge.host import check_host
 from harness.remote import Exhausted
 from models.api_lm import ApiLM, ChatPrompt, check_settings
 from models.protocol import cut_at_stop

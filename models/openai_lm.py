@@ -149,7 +149,7 @@ class OpenAILM(ApiLM):
         return [lp for part in self.map(one, batches, "score") for lp in part]
 
     def _no_echo(self, endpoint: str, error: Exception) -> Exception:
-        from harness.judge_host import excerpt
+        from harness.judge.host import excerpt
         if status_of(error) in (401, 403):
             return self.refused(endpoint, error)
         return self.no_loglikelihood(f"{endpoint} with echo and logprobs answered HTTP {status_of(error)}: "

@@ -166,10 +166,11 @@ def test_score_with_real_model_and_judge(ollama_server, smollm2_lm, tmp_path):
 
 def instruct_cli(tmp_path, host, model, *extra):
     # The val split: the 135M judge reads a score in one of its first 3 replies (none on test's),
-    # and a run with no scored sample appends no rows.
+    # and a run with no scored sample appends no rows. Unhardened: the fence's longer prompt costs
+    # the 135M judge its one readable score (task=judge_probes measures hardening, not this test).
     env = dict(ENV, HARNESS_CACHE=str(tmp_path / "cache"))
     args = ["task=instruct", "model=smollm2-135m-instruct", f"judge.host={host}", f"judge.model={model}",
-            "task.split=val", "task.limit=3", "task.max_new_tokens=32", f"leaderboard={tmp_path / 'lb.csv'}", *extra]
+            "task.split=val", "task.limit=3", "task.max_new_tokens=32", "judge.harden=false", f"leaderboard={tmp_path / 'lb.csv'}", *extra]
     return run_module("harness", *args, env=env)
 
 

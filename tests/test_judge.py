@@ -21,7 +21,7 @@ from fake_servers import FakeOllama  # noqa: F401  (other test files import it f
 
 from harness.judge import Grade, JudgeConfigError, OllamaJudge
 from harness.cli import UserError
-from harness.judge_prompts import get_style, parse_reply
+from harness.judge.styles import get_style, parse_reply
 
 Z, M = get_style("zero_to_hundred"), get_style("mt_bench")
 ITEMS = [(f"Task {i}: name a colour.", "Blue.", f"Answer {i}: red.") for i in range(5)]
@@ -308,7 +308,7 @@ def test_real_server_grades_and_cache_makes_no_requests(ollama_server, tmp_path,
         assert proxy.counts.get("/api/chat") == 2
         judge = judge_for(proxy.url, tmp_path, **kw)
         assert judge.digest                            # the model's digest from /api/tags
-        assert judge._not_ollama() is None             # harness.serve answers /api/version like Ollama
+        assert judge.client._not_ollama() is None      # harness.serve answers /api/version like Ollama
         second = judge.grade_many(ITEMS[:2])           # a new judge, same cache folder
         assert proxy.counts.get("/api/chat") == 2      # zero chat requests
         assert [(g.score, g.raw, g.prompt_hash) for g in second] == [(g.score, g.raw, g.prompt_hash)

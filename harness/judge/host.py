@@ -1,4 +1,5 @@
-"""The judge's address: checked before anything is loaded, and told apart from servers that are not Ollama.
+"""The judge's address, checked before anything is loaded and told apart from servers that are not
+Ollama; and JudgeConfigError, the one error type of every judge configuration problem.
 
     check_host("http://127.0.0.1:11434")   # fine; "notaurl::::", "", "ftp://x", ":99999" raise JudgeConfigError
     not_ollama(http_client, host, timeout)  # None for Ollama / harness.serve, else the one-line reason
@@ -14,13 +15,17 @@ import re
 import urllib.parse
 from typing import Any
 
+from harness.cli import UserError
+
 EXAMPLE = "http://127.0.0.1:11434"
+
+
+class JudgeConfigError(UserError):
+    """The judge cannot work as configured; the run stops with one `error:` line."""
 
 
 def bad_host(host: Any, why: str, key: str = "judge.host"):
     """The one-line JudgeConfigError (a UserError) for an unusable server address in config `key`."""
-    from harness.judge import JudgeConfigError
-
     noun = "judge" if key.startswith("judge") else "server"
     return JudgeConfigError(f"{key}={host!r} is not a {noun} address: {why}; a valid value looks like "
                             f"{EXAMPLE} (scheme http or https, host, port 1-65535)")
