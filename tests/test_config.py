@@ -82,3 +82,10 @@ def test_tiny_models_instantiate(model):
     assert lm.name
     assert {"model", "checkpoint_sha", "dtype", "device", "batch_size", "provenance"} <= set(lm.info)
     assert len(lm.loglikelihood([("Hello", " world")])) == 1
+
+
+@pytest.mark.parametrize("judge", sorted(p.stem for p in (CONF / "judge").glob("*.yaml")))
+def test_every_judge_instantiates_without_contacting_its_server(judge):
+    obj = instantiate(_compose(f"judge={judge}", "task=instruct").judge)
+    assert obj.model and obj.style == "zero_to_hundred" and obj.harden and not obj.self_consistency
+    assert obj.where.startswith(("judge.host=", "judge.base_url="))
