@@ -17,8 +17,9 @@ run: $(STAMP)
 smoke: $(STAMP)
 	$(PY) -m harness task=mmlu 'task.subjects=[abstract_algebra]' task.limit=20
 
+# One pytest-xdist worker per core (at most 4: each starts its own SmolLM2 server fixture).
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses 4
 
 setup: $(STAMP)
 

@@ -8,6 +8,11 @@ import pytest
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one pytest-xdist worker per core: one torch thread each, or the workers'
+    # thread pools fight over the same cores (set before any test imports torch).
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 
 def models_dir() -> Path:
     return Path(os.environ.get("HARNESS_MODELS", Path.home() / ".cache/harness/models"))

@@ -172,8 +172,11 @@ def test_grammar_logprob_and_seeded_rows_batched_with_free_rows(smollm2_lm):
         assert (b.text, b.tokens, b.done_reason, b.eval_count) == (a.text, a.tokens, a.done_reason, a.eval_count)
     import json
     assert json.loads(batched[0].text).keys() == {"name", "age"} and batched[0].done_reason == "stop"
-    assert [(s.id, round(s.logprob, 4)) for s in batched[1].scores] == \
-        [(s.id, round(s.logprob, 4)) for s in alone[1].scores] and len(batched[1].scores[0].top) == 2
+    # Same tokens; log-probs equal up to the float noise of an 8-row matmul vs a 1-row one (rounding
+    # to 4 places would flip on a boundary).
+    assert [s.id for s in batched[1].scores] == [s.id for s in alone[1].scores]
+    assert [s.logprob for s in batched[1].scores] == pytest.approx([s.logprob for s in alone[1].scores], abs=1e-3)
+    assert len(batched[1].scores[0].top) == 2
     assert "." not in batched[4].text
 
 
