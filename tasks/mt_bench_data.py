@@ -101,7 +101,7 @@ def judge_messages(judge, prompt: dict, turns: list[str], answers: list[str],
             {"role": "user", "content": prompt["prompt_template"].format(**fields)}]
 
 
-_NUM = r"(\d+(?:\.\d+)?)"
+_NUM = r"(\d+(?:\.\d*)?)"              # FastChat accepts "7." too
 _STRICT, _BACKUP = re.compile(rf"\[\[\s*{_NUM}\s*\]\]"), re.compile(rf"\[\s*{_NUM}\s*\]")
 
 

@@ -44,7 +44,7 @@ def tiny_lm():
 
 @pytest.mark.parametrize("reply, score, error", [
     ("Fine answer. Rating: [[7.5]]", 7.5, None), ("[[8]]", 8, None), ("Rating: [8]", 8, None),
-    ('Format "Rating: [[5]]" ... so: [[3]]', 3, None), ("[[10]] and [2]", 10, None), ("[[ 1 ]]", 1, None),
+    ('Format "Rating: [[5]]" ... so: [[3]]', 3, None), ("[[10]] and [2]", 10, None), ("[[ 1 ]]", 1, None), ("[[7.]]", 7, None),
     ("A lovely answer, well done!", None, "no [[rating]] in reply"), ("  ", None, "empty reply"),
     ("[[11]]", None, "rating 11 out of range 1-10"), ("[[0]]", None, "out of range"), ("[[-3]]", None, "no [[rating]]"),
 ])
