@@ -169,14 +169,14 @@ class MTBenchTask:
             out[f"score_{cat}"] = mean_metric([r.scores.get(t) for r in records
                                                if r.extra.get("category") == cat for t in TURNS])
         total = 2 * len(records)
-        rate = None
+        rate, pairs = None, 0
         if self.judge.self_consistency:
             firsts = [r.scores.get(t) for r in records for t in TURNS]
             seconds = [(r.extra.get("second_scores") or {}).get(t) for r in records for t in TURNS]
             rate, pairs = agreement(firsts, seconds)
             out["judge_agreement"] = Metric(rate, None, pairs, total - pairs)
         self.judge_reliability = {"judge_unscored_rate": out["score"].n_unscored / total if total else float("nan"),
-                                  "judge_swap_consistency": None, "judge_agreement": rate}
+                                  "judge_swap_consistency": None, "judge_agreement": rate if pairs else None}
         return out
 
     def unscored_reason(self, records: list[Record]) -> str | None:

@@ -227,3 +227,4 @@ def test_cli_scored_run_appends_rows(tmp_path):
     assert (rows.loc["score", "value"], rows.loc["score", "n"], rows.loc["score", "n_unscored"]) == (6.5, 4, 0)
     assert rows.loc["score_turn2", "value"] == 7 and set(rows.task) == {"mt_bench"}
     assert set(rows.judge_model) == {"judge"} and set(rows.judge_digest) == {"d1g35tjudge:latest"}
+    assert set(rows.judge_unscored_rate) == {0.0} and rows.judge_agreement.isna().all()
