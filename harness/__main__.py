@@ -43,7 +43,8 @@ def run_job(cfg: DictConfig, run_dir: Path) -> None:
     check_appendable(board)
     with run_dir_lock(run_dir):
         task = instantiate(cfg.task, "task")
-        lm = instantiate(cfg.model, "model")
+        # A task that evaluates something other than a model (task=judge_probes: the judge) names it.
+        lm = task.subject() if hasattr(task, "subject") else instantiate(cfg.model, "model")
         log.info("task %s (version %s), model %s, run dir %s", task.name, task.version, lm.name, run_dir)
         info = getattr(lm, "info", None) or {}
         run_key = {k: info.get(k, "") for k in ("model", "checkpoint_sha", "dtype", "device")}

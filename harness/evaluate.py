@@ -168,6 +168,15 @@ def _check_something_scored(task, records: list, metrics: dict, rec_path: Path) 
                                   f"the reasons are in {rec_path}); nothing appended to the leaderboard")
 
 
+def judge_reliability(task) -> dict:
+    """The judge's reliability on this run, as a judged task measured it in metrics() (empty cells
+    for tasks without a judge, or a measure the task did not take)."""
+    from harness.leaderboard import RELIABILITY
+
+    measured = getattr(task, "judge_reliability", None) or {}
+    return {k: measured.get(k) for k in RELIABILITY}
+
+
 def rows_for(task, lm, result: EvalResult, seed: int, contamination: float | str = "") -> list[dict]:
     import harness
     from harness.provenance import summarise
@@ -186,6 +195,6 @@ def rows_for(task, lm, result: EvalResult, seed: int, contamination: float | str
         wall_s=round(result.wall_s, 3), judge_model=getattr(task, "judge_model", "") or "",
         judge_digest=getattr(task, "judge_digest", "") or "",
         split=getattr(task, "split", "") or "", parent=lineage["parent"], trained_on=lineage["trained_on"],
-        contamination=contamination)
+        contamination=contamination, **judge_reliability(task))
     return [dict(common, metric=name, value=m.value, stderr=m.stderr, n=m.n, n_unscored=m.n_unscored)
             for name, m in result.metrics.items()]

@@ -30,8 +30,10 @@ COLUMNS = [
     "num_fewshot", "metric", "value", "stderr", "n", "n_unscored", "seed", "dtype", "device",
     "batch_size", "harness_version", "wall_s", "judge_model", "judge_digest",
     "split", "parent", "trained_on", "contamination",   # added later: older files are migrated
+    "judge_unscored_rate", "judge_swap_consistency", "judge_agreement",   # judged rows: how far to trust the judge
 ]
-NUMERIC = ["num_fewshot", "value", "stderr", "n", "n_unscored", "seed", "wall_s"]
+RELIABILITY = ("judge_unscored_rate", "judge_swap_consistency", "judge_agreement")
+NUMERIC = ["num_fewshot", "value", "stderr", "n", "n_unscored", "seed", "wall_s", *RELIABILITY]
 
 
 class LeaderboardError(UserError):

@@ -19,14 +19,14 @@ from __future__ import annotations
 import io
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import ListConfig
 
 from harness.cli import UserError
 from harness.io import write_atomic
-from harness.leaderboard import read_leaderboard
+from harness.leaderboard import RELIABILITY, read_leaderboard
 from harness.stats import normal_ci
 
 KEYS = ("task_version", "num_fewshot", "dtype", "split", "judge_model", "judge_digest")
@@ -60,6 +60,15 @@ class Cell:
     run_id: str
     time: str
     contamination: str = ""
+    judge: dict[str, float] = field(default_factory=dict)   # reliability of the judge behind the value
+
+    @property
+    def reliability(self) -> str:
+        """'judge: unscored 4%, swap-consistent 72%, self-agreement 90%' for judged cells, else ''."""
+        names = {"judge_unscored_rate": "unscored", "judge_swap_consistency": "swap-consistent",
+                 "judge_agreement": "self-agreement"}
+        parts = [f"{names[k]} {100 * v:.0f}%" for k, v in self.judge.items() if v is not None]
+        return f"judge: {', '.join(parts)}" if parts else ""
 
     @property
     def contaminated(self) -> bool:
@@ -218,8 +227,9 @@ def build_table(df, select: str = "latest", interval: str = "stderr") -> Table:
             if (low is None or high is None) and stderr is not None:
                 low, high = normal_ci(value, stderr)
             n, unscored = _num(r.get("n")), _num(r.get("n_unscored"))
+            judge = {k: _num(r[k]) for k in RELIABILITY if k in r.index and _num(r[k]) is not None}
             cells[(row_label, col.label)] = Cell(value, stderr, low, high, int(n or 0), int(unscored or 0),
-                                                 r["run_id"], r["time"], r["contamination"])
+                                                 r["run_id"], r["time"], r["contamination"], judge)
     rows_in_order = list(dict.fromkeys(df.sort_values("order")["row"]))
     info = {}
     for row_label in rows_in_order:
@@ -245,6 +255,8 @@ def format_cell(cell: Cell | None, column: Column, interval: str) -> str:
         text += f" [{_fmt(cell.low, pct)}, {_fmt(cell.high, pct)}]"
     if cell.n_unscored > 0:
         text += f" (n={cell.n}, {cell.n_unscored} unscored)"
+    if cell.reliability:
+        text += f" ⟨{cell.reliability}⟩"
     if cell.contaminated:
         text += " †"
     return text
@@ -265,7 +277,10 @@ def to_markdown(table: Table) -> str:
     how = "the latest row" if table.select == "latest" else "the best row (↓: lower is better)"
     spread = "± stderr" if table.interval == "stderr" else "[95% CI]"
     lines += ["", f"Each cell: {how} for that model and column, value {spread}; accuracy-like metrics "
-              f"({', '.join(sorted(PERCENT))}) in %; n and unscored shown when samples went unscored.",
+              f"({', '.join(sorted(PERCENT))}) in %; n and unscored shown when samples went unscored; "
+              "⟨judge: ...⟩ on judged cells: the share of samples the judge left unscored, how often its "
+              "pairwise verdict survived swapping the answers' order, and how often a sampled second "
+              "pass agreed with the first.",
               "", "Columns (rows share a column only when all of these agree):"]
     for c in table.columns:
         keys = ", ".join(f"{k}={v or '—'}" for k, v in zip(KEYS, c.keys))
@@ -298,6 +313,7 @@ def to_records(table: Table) -> list[dict]:
                                 **dict(zip(KEYS, c.keys)), value=cell.value, stderr=cell.stderr,
                                 ci95_low=cell.low, ci95_high=cell.high, n=cell.n,
                                 n_unscored=cell.n_unscored, contamination=cell.contamination,
+                                **{k: cell.judge.get(k) for k in RELIABILITY},
                                 run_id=cell.run_id, time=cell.time))
     return out
 

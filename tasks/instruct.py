@@ -21,7 +21,9 @@ Metrics: `score` (mean over scored samples, stderr = sample std / sqrt(n)) and
 `score_ci95_low` / `score_ci95_high`: a 95% percentile bootstrap of the mean (10,000 resamples,
 numpy RandomState(seed), so the interval is the same on every run). The scale is the judge style's
 (0-100 or 1-10); the style is part of `version`. The judge model and its digest are separate
-comparability keys (`judge_model`, `judge_digest` leaderboard columns), read from the records.
+comparability keys (`judge_model`, `judge_digest` leaderboard columns), read from the records, and so is the judge's
+reliability (`judge_unscored_rate`; `judge_agreement` when judge.self_consistency asked a second,
+sampled time: the share of samples given the same score twice).
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from typing import Sequence
 import numpy as np
 
 from harness.cli import int_option
+from harness.judge import agreement
 from models.protocol import LM
 from tasks.base import Metric, Record, Sample, TaskError, check_limit, text_hash
 from tasks.instruction_data import (ALPACA_HEADER, ALPACA_STOP, PROMPT_STYLES, alpaca_prompt, build_prompt,
@@ -77,6 +80,7 @@ class InstructTask:
                                  str(self.max_new_tokens), judge.style, judge.prompt_template,
                                  split, data.signature)
         self._judges_seen: list[tuple[str, str]] = []    # (model, digest) of the records last measured
+        self.judge_reliability: dict = {}                # set by metrics(): leaderboard columns
 
     # -- the judge as a comparability key (leaderboard columns) -----------------------------------
     @property
@@ -102,15 +106,21 @@ class InstructTask:
         stop = stop_strings(style)
         responses = [r.strip() for r in lm.generate(prompts, max_new_tokens=self.max_new_tokens,
                                                     stop=stop, temperature=0.0, seed=self.seed)]
-        grades = self.judge.grade_many([(judge_input(s.data), s.data["output"], r)
-                                        for s, r in zip(samples, responses)])
-        return [Record(sample_id=s.id, prompt_hash=text_hash(p, g.prompt_hash), prediction=r,
-                       target=s.data["output"], scores={"score": g.score},
-                       extra={"prompt": p, "prompt_style": style, "judge_reply": g.raw,
-                              "judge_prompt_hash": g.prompt_hash, "parse": g.parse, "error": g.error,
-                              "cached": g.cached, "retry": bool(getattr(g, "transient", False)),
-                              "judge_model": self.judge.model, "judge_digest": digest})
-                for s, p, r, g in zip(samples, prompts, responses, grades)]
+        items = [(judge_input(s.data), s.data["output"], r) for s, r in zip(samples, responses)]
+        grades = self.judge.grade_many(items)
+        # The sampled second pass (judge.self_consistency): kept beside the first, never averaged in.
+        seconds = self.judge.grade_many(items, second=True) if self.judge.self_consistency else [None] * len(items)
+        records = []
+        for s, p, r, g, g2 in zip(samples, prompts, responses, grades, seconds):
+            extra = {"prompt": p, "prompt_style": style, "judge_reply": g.raw,
+                     "judge_prompt_hash": g.prompt_hash, "parse": g.parse, "error": g.error,
+                     "cached": g.cached, "retry": bool(g.transient or (g2 is not None and g2.transient)),
+                     "judge_model": self.judge.model, "judge_digest": digest}
+            if g2 is not None:
+                extra.update(score_2=g2.score, judge_reply_2=g2.raw)
+            records.append(Record(sample_id=s.id, prompt_hash=text_hash(p, g.prompt_hash), prediction=r,
+                                  target=s.data["output"], scores={"score": g.score}, extra=extra))
+        return records
 
     def metrics(self, records: list[Record]) -> dict[str, Metric]:
         judges = sorted({(r.extra.get("judge_model", ""), r.extra.get("judge_digest", "")) for r in records})
@@ -123,6 +133,7 @@ class InstructTask:
             log.warning("%d of %d samples are unscored because the judge failed (%s); rerun the same "
                         "hydra.run.dir to retry them", failed, len(records), _reasons(records, True))
         mean = mean_metric([r.scores.get("score") for r in records])
+        self.judge_reliability = reliability(records, "score")
         scored = [r.scores["score"] for r in records if r.scores.get("score") is not None]
         if not scored:
             nan = Metric(float("nan"), None, 0, mean.n_unscored)
@@ -154,6 +165,18 @@ class InstructTask:
                          "extra.judge_reply: try judge.json_format=true or another judge.model in a new "
                          "hydra.run.dir)")
         return "no sample was scored: " + "; ".join(parts)
+
+
+def reliability(records: list[Record], key: str) -> dict:
+    """The judge's unscored rate over `records` and, when a second sampled pass was kept
+    (extra[key + "_2"]), the share of samples on which both passes gave the same score."""
+    if not records:
+        return {}
+    out = {"judge_unscored_rate": sum(r.scores.get(key) is None for r in records) / len(records)}
+    if any(f"{key}_2" in r.extra for r in records):
+        rate, n = agreement([r.scores.get(key) for r in records], [r.extra.get(f"{key}_2") for r in records])
+        out["judge_agreement"] = rate if n else None
+    return out
 
 
 def _reasons(records: list[Record], retry: bool, most: int = 3) -> str:

@@ -247,3 +247,31 @@ def test_cli_judge_outage_appends_nothing_and_a_rerun_scores(tmp_path):
         assert p.returncode == 0 and len(pd.read_csv(board)) == 3
     finally:
         judge.kill()
+
+
+def test_self_consistency_second_pass_and_reliability(tmp_path, tiny_lm):
+    # The scripted judge answers 80 greedily and, sampled (the second pass), 80 for the first two
+    # samples and 40 for the third: agreement 2/3. Reliability reaches the leaderboard row.
+    from harness.evaluate import judge_reliability
+
+    asked = []
+
+    def behave(n, req):
+        asked.append((req["options"]["temperature"], req["options"]["seed"]))
+        sampled = req["options"]["temperature"] > 0
+        return 200, chat_body("40" if sampled and n == 5 else "80")
+    server = FakeOllama(behave)
+    try:
+        judge = OllamaJudge(server.url, model="judge", cache_dir=str(tmp_path / "c"), progress=False,
+                            self_consistency=True, consistency_temperature=0.7, concurrency=1)
+        task = InstructTask(judge, limit=3, max_new_tokens=4)
+        records = task.score(tiny_lm, task.samples())
+    finally:
+        server.kill()
+    assert [r.scores["score"] for r in records] == [80, 80, 80]
+    assert [r.extra["score_2"] for r in records] == [80, 80, 40] and server.requests == 6
+    m = task.metrics(records)
+    assert m["score"].value == 80                               # the second pass is never averaged in
+    assert judge_reliability(task) == {"judge_unscored_rate": 0.0, "judge_swap_consistency": None,
+                                       "judge_agreement": pytest.approx(2 / 3)}
+    assert asked == [(0, 123)] * 3 + [(0.7, 124)] * 3            # the second pass: sampled, seed + 1

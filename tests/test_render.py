@@ -38,7 +38,7 @@ def board(tmp_path):
         row("tuned", "acc", 0.7, time="2026-01-04T00:00:00+00:00", task="arc", version="v4dddd"),
         # judged task: two judge digests, and the task's own CI rows
         row("tuned", "score", 61.0, time="2026-01-05T00:00:00+00:00", task="instruct", stderr=2.0,
-            judge=("llama3", "digest11"), run="j1"),
+            judge=("llama3", "digest11"), run="j1", judge_unscored_rate=0.04, judge_agreement=0.9),
         row("tuned", "score_ci95_low", 57.5, time="2026-01-05T00:00:00+00:00", task="instruct", stderr=None,
             judge=("llama3", "digest11"), run="j1"),
         row("tuned", "score_ci95_high", 64.5, time="2026-01-05T00:00:00+00:00", task="instruct", stderr=None,
@@ -81,7 +81,8 @@ def test_markdown_cells(board):
                         "instruct/score (judge:llama3@digest11) | instruct/score (judge:llama3@digest22) | "
                         "mmlu/acc (0-shot) | mmlu/acc (5-shot) | sms_spam/acc | wikitext2/word_perplexity ↓ |")
     assert lines[2] == "| base | — | — | 60.0 ± 2.0 | — | — | — | 30.0 ± 2.0 | 50.0 ± 2.0 | 55.0 ± 2.0 | — |"
-    assert lines[3] == ("| tuned | base | instruction/train | — | 70.0 ± 2.0 | 61 ± 2 | 55 ± 2 | "
+    assert lines[3] == ("| tuned | base | instruction/train | — | 70.0 ± 2.0 | 61 ± 2 ⟨judge: unscored 4%, "
+                        "self-agreement 90%⟩ | 55 ± 2 | "
                         "71.2 ± 2.1 (n=97, 3 unscored) | — | 95.0 ± 2.0 † | 25 |")
     assert lines[-2:] == ["† the model may have seen this test data in training: the fraction of the task's "
                           "samples that share an n-gram with its training data (`contamination`):",
@@ -94,7 +95,8 @@ def test_ci95_uses_the_tasks_own_interval(board):
     table = build_table(prepare(load(board)), interval="ci95")
     cols = {c.label: c for c in table.columns}
     judged = cols["instruct/score (judge:llama3@digest11)"]
-    assert format_cell(table.cells[("tuned", judged.label)], judged, "ci95") == "61 [57.5, 64.5]"
+    assert format_cell(table.cells[("tuned", judged.label)], judged, "ci95") == (
+        "61 [57.5, 64.5] ⟨judge: unscored 4%, self-agreement 90%⟩")
     acc = cols["mmlu/acc (0-shot)"]          # normal interval from stderr: 0.30 -/+ 1.96 * 0.02
     assert format_cell(table.cells[("base", acc.label)], acc, "ci95") == "30.0 [26.1, 33.9]"
 
