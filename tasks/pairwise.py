@@ -141,7 +141,8 @@ class PairwiseTask:
                  "judge_replies": [first.raw, swapped.raw], "verdicts": [v.first, v.swapped],
                  "consistent": v.consistent, "outcome": v.outcome,
                  "error": "; ".join(f"{o}: {e}" for o, e in zip(("ours as A", "ours as B"), errors) if e) or None,
-                 "cached": first.cached and swapped.cached, "retry": first.transient or swapped.transient,
+                 "cached": first.cached and swapped.cached,
+                 "retry": any(r.transient for r in (*pair, *(again or ()))),   # a rerun asks again
                  "lengths": {"ours": len(ours), "opponent": len(theirs), "unit": LENGTH_UNIT},
                  "judge_prompt_hashes": [first.prompt_hash, swapped.prompt_hash],
                  "judge_model": self.judge.model, "judge_digest": digest, "battle": battle}
@@ -180,8 +181,8 @@ class PairwiseTask:
             value, k = agreement([v.outcome for v in verdicts], [r.extra.get("outcome_second") for r in records])
             out["judge_agreement"] = Metric(value, None, k, len(records) - k)
             agree = None if math.isnan(value) else value
-        self.judge_reliability = {
-            "judge_unscored_rate": unscored / len(records) if records else nan,
+        self.judge_reliability = {} if not records else {   # leaderboard columns (harness.evaluate)
+            "judge_unscored_rate": unscored / len(records),
             "judge_swap_consistency": s.swap_consistency.rate, "judge_agreement": agree}
         if (failed := sum(bool(r.extra.get("retry")) for r in records)) and len(records) > failed:
             log.warning("%d of %d samples are unscored because the judge failed; rerun the same "

@@ -74,6 +74,8 @@ def test_pairwise_runs_write_records_and_rows(runs):
     assert {"win_rate", "win_rate_ci95_low", "win_rate_ci95_high", "win", "tie", "loss", "swap_consistency",
             "lc_win_rate"} <= set(pair.metric)
     assert set(pair.judge_model) == {"judge"} and len(set(pair.run_id)) == 2
+    assert (pair.judge_swap_consistency == 1.0).all() and (pair.judge_unscored_rate == 0.0).all()
+    assert pair.judge_agreement.isna().all()                  # not measured: judge.self_consistency off
     instruct = {r["sample_id"]: r["prediction"] for r in records(root / "instruct")}
     vs_run = records(root / "gpt_smol")
     assert [r["target"] for r in vs_run] == [instruct[r["sample_id"]] for r in vs_run]   # not regenerated
