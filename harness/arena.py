@@ -5,6 +5,7 @@
     bootstrap_ratings(df, rounds, seed)  -> one row of ratings per resample, plus the dropped count
     arena(df, anchor=..., rounds, seed)  -> ArenaResult: table with 95% intervals, unrated models,
                                             model pairs never compared
+    python -m harness.arena runs=...     -> the same from task=pairwise run folders (harness/arena_cli.py)
 
 Model: P(a beats b) = 1 / (1 + base ** ((R_b - R_a) / scale)). LMSYS's `compute_mle_elo` fits this as
 a logistic regression without intercept whose design row has +log(base) in a's column and -log(base)
@@ -231,3 +232,10 @@ def arena(battles: pd.DataFrame, anchor: str | None = None, anchor_rating: float
     never = tuple((a, b) for i, a in enumerate(models) for j, b in enumerate(models)
                   if i < j and N[i, j] == 0)
     return ArenaResult(table, unrated, never, rounds, dropped)
+
+
+if __name__ == "__main__":          # python -m harness.arena runs=... : the CLI is harness/arena_cli.py
+    from harness.arena_cli import main
+    from harness.cli import exit_after
+
+    exit_after(main)
