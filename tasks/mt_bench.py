@@ -13,7 +13,8 @@ Scoring one chunk of questions:
 A model without a chat template gets a plain "### User:" / "### Assistant:" transcript instead
 (cut at the next "### User:"), so base checkpoints can be compared too; records say which
 (`extra.prompt_format`). Scores from the two formats are not comparable, and the format is not
-a config option: it follows the model.
+a config option: it follows the model. `judge.json_format=true` constrains the judge's reply to
+{"rating": "[[n]]"} (RATING_SCHEMA): no explanation first, but always a rating.
 
 One record per question (`q081`): prediction [a1, a2], scores {"turn1", "turn2"} (None =
 unscored: no reply, or no readable rating in 1-10; never a zero). A judge failure (timeouts, 5xx
@@ -44,6 +45,11 @@ TEMPLATE_VERSION = "mt_bench/v1"
 TURNS = ("turn1", "turn2")
 JUDGE_REPLY_TOKENS = 512        # when judge.num_predict is null: room for the explanation, then [[rating]]
 TRANSCRIPT_STOP = ("### User:",)
+# With judge.json_format the server holds the judge to this reply (grammar-constrained): the rating in
+# FastChat's own [[n]] form, so parse_rating reads it as it reads free text. A small local judge that
+# never writes [[n]] on its own then always gives a rating.
+RATING_SCHEMA = {"type": "object", "properties": {"rating": {"enum": [f"[[{n}]]" for n in range(1, 11)]}},
+                 "required": ["rating"], "additionalProperties": False}
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +69,6 @@ class MTBenchTask:
         self.judge, self.seed = judge, int(seed)
         self.max_new_tokens = int(int_option(max_new_tokens, "task.max_new_tokens", minimum=1))
         limit = check_limit(limit)
-        if judge.json_format:
-            raise TaskError("judge.json_format=true holds the judge to its style's JSON reply, but MT-Bench's "
-                            "prompts ask for an explanation and then [[rating]]: set judge.json_format=false")
         data = load()
         known = sorted({q["category"] for q in data.questions})
         if isinstance(categories, str):
@@ -86,6 +89,7 @@ class MTBenchTask:
         self.version = text_hash(TEMPLATE_VERSION, *TRANSCRIPT_STOP, str(self.max_new_tokens),
                                  json.dumps([data.prompts[n] for n in PROMPT_NAMES], sort_keys=True),
                                  judge.system(""), str(judge.harden), str(self.reply_tokens),
+                                 json.dumps(RATING_SCHEMA) if judge.json_format else "free text",
                                  ",".join(self.categories or ["all"]), data.signature)
         self._judges_seen: list[tuple[str, str]] = []
         self.judge_reliability: dict = {}
@@ -125,8 +129,10 @@ class MTBenchTask:
         asks = [judge_messages(self.judge, self.prompts[prompt_name(s.data["category"], turn)], s.data["turns"],
                                [x, y], s.data["reference"], turn)
                 for turn in (1, 2) for s, x, y in zip(samples, a1, a2)]          # all turn 1s, then turn 2s
-        replies = self.judge.ask_many(asks, max_tokens=self.reply_tokens, desc=f"judge {self.judge.model} (mt_bench)")
-        seconds = (self.judge.ask_many(asks, second=True, max_tokens=self.reply_tokens, desc="judge second pass")
+        replies = self.judge.ask_many(asks, max_tokens=self.reply_tokens, desc=f"judge {self.judge.model} (mt_bench)",
+                                      schema=RATING_SCHEMA)
+        seconds = (self.judge.ask_many(asks, second=True, max_tokens=self.reply_tokens, desc="judge second pass",
+                                          schema=RATING_SCHEMA)
                    if self.judge.self_consistency else [None] * len(asks))
         n, records = len(samples), []
         for i, s in enumerate(samples):

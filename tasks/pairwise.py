@@ -15,7 +15,8 @@ Scoring one chunk: greedy answers as task=instruct makes them, then FastChat's `
 then as B, all in one `judge.ask_many`. Why both orders: LLM judges favour a position, and MT-Bench's
 rule (harness.pairwise.combine) turns an order-dependent verdict into a tie, so position bias cannot
 make wins; how often the orders agreed is `swap_consistency`. Answers are fenced (judge.fence) and
-the system prompt hardened (judge.system) when judge.harden is on.
+the system prompt hardened (judge.system) when judge.harden is on. `judge.json_format=true` holds
+the judge to {"verdict": "[[A]]"|"[[B]]"|"[[C]]"} by grammar (VERDICT_SCHEMA): no explanation, always a verdict.
 
 Per sample: scores {"win": 1 / 0.5 / 0, None when either order had no readable verdict}; extra has both
 replies and verdicts, the outcome, lengths and `battle` {model_a: ours, model_b: opponent, winner}
@@ -46,6 +47,10 @@ TEMPLATE_VERSION = "pairwise/v1"
 DATA = ("instruct", "mt_bench")
 LENGTH_UNIT = "chars"
 OUTCOME_WINNER = {"win": "a", "tie": "tie", "loss": "b"}    # ours is battle model_a
+# With judge.json_format the server holds the judge to this reply (grammar-constrained), FastChat's
+# verdict tokens inside: parse_verdict reads it as it reads free text, and a small judge always decides.
+VERDICT_SCHEMA = {"type": "object", "properties": {"verdict": {"enum": ["[[A]]", "[[B]]", "[[C]]"]}},
+                  "required": ["verdict"], "additionalProperties": False}
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +85,8 @@ class PairwiseTask:
         self.version = text_hash(TEMPLATE_VERSION, data, self.split, ALPACA_HEADER,
                                  *ALPACA_STOP, prompt_style, str(self.max_new_tokens), str(self.judge_max_tokens),
                                  self.prompt["system_prompt"], self.prompt["prompt_template"],
-                                 f"harden={judge.harden}", self.opponent.signature, data_signature)
+                                 f"harden={judge.harden}", f"json_format={judge.json_format}", self.opponent.signature,
+                                 data_signature)
         self._judges_seen: list[tuple[str, str]] = []
         self.judge_reliability: dict = {}
 
@@ -107,7 +113,7 @@ class PairwiseTask:
         for s, a, b in zip(samples, ours, theirs):
             q = question_text(s.data)
             conversations += [self._messages(q, a, b), self._messages(q, b, a)]
-        replies = self.judge.ask_many(conversations, second=second, max_tokens=self.judge_max_tokens,
+        replies = self.judge.ask_many(conversations, second=second, max_tokens=self.judge_max_tokens, schema=VERDICT_SCHEMA,
                                       desc=f"judge {self.judge.model} pairwise")
         return list(zip(replies[0::2], replies[1::2]))
 

@@ -128,11 +128,15 @@ class Judge:
         return f"{prompt} {FENCE_NOTE}".strip() if self.harden else prompt
 
     # -- asking -------------------------------------------------------------------------------------
-    def ask(self, messages: Messages, second: bool = False, max_tokens: int | None = None) -> Reply:
+    def ask(self, messages: Messages, second: bool = False, max_tokens: int | None = None,
+            schema: dict | None = None) -> Reply:
+        """One reply. `schema`: the reply's JSON schema for this prompt, used when judge.json_format is
+        on (a task's verdict shape, e.g. {"verdict": "[[A]]"}); the server enforces it by grammar, so
+        even a small judge always answers in a form the task can read."""
         options = self.second_options if second else self.options
-        if max_tokens:
-            options = SendOptions(options.temperature, options.seed, int(max_tokens), options.num_ctx,
-                                  options.json_schema)
+        if max_tokens or (schema and self.json_format):
+            options = SendOptions(options.temperature, options.seed, int(max_tokens or options.max_tokens),
+                                  options.num_ctx, schema if schema and self.json_format else options.json_schema)
         prompt_hash = sha256_json(messages)[:16]
         key = sha256_json({"model": self.model, "digest": self.digest, "options": options.as_key(),
                            "messages": messages})
@@ -162,13 +166,13 @@ class Judge:
         return raw
 
     def ask_many(self, conversations: Sequence[Messages], second: bool = False,
-                 max_tokens: int | None = None, desc: str = "") -> list[Reply]:
+                 max_tokens: int | None = None, desc: str = "", schema: dict | None = None) -> list[Reply]:
         """Replies in the order of `conversations`, `concurrency` requests in flight."""
         conversations = list(conversations)
         if not conversations:
             return []
         _ = self.digest                                  # configuration errors before any work
-        replies = map_ordered(lambda m: self.ask(m, second, max_tokens), conversations, self.concurrency,
+        replies = map_ordered(lambda m: self.ask(m, second, max_tokens, schema), conversations, self.concurrency,
                               desc=desc or f"judge {self.model}", progress=self.progress)
         log.info("judge %s: %d asked, %d from cache, %d failed", self.model, len(replies),
                  sum(r.cached for r in replies), sum(r.transient for r in replies))
