@@ -16,7 +16,7 @@ from tasks.base import Record, TaskError
 from tasks.mt_bench import MTBenchTask
 from tasks.mt_bench_data import parse_rating
 from clitools import ENV, run_module
-from test_cli import assert_one_error_line, lines
+from test_cli import lines
 from test_judge import FakeOllama, chat_body
 
 NOWHERE = "http://127.0.0.1:9"      # never contacted: the judge connects on first use
