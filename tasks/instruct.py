@@ -34,8 +34,8 @@ from typing import Sequence
 import numpy as np
 
 from harness.cli import int_option
-from harness.judge import agreement
 from models.protocol import LM
+from tasks.judged import JudgeKeys, reliability
 from tasks.base import Metric, Record, Sample, TaskError, check_limit, text_hash
 from tasks.instruction_data import (ALPACA_HEADER, ALPACA_STOP, PROMPT_STYLES, alpaca_prompt, build_prompt,
                                     instruction_split, resolve_style, stop_strings)
@@ -79,17 +79,17 @@ class InstructTask:
         self.version = text_hash(TEMPLATE_VERSION, ALPACA_HEADER, prompt_style, *ALPACA_STOP,
                                  str(self.max_new_tokens), judge.style, judge.prompt_template,
                                  split, data.signature)
-        self._judges_seen: list[tuple[str, str]] = []    # (model, digest) of the records last measured
+        self.judge_keys = JudgeKeys(judge)
         self.judge_reliability: dict = {}                # set by metrics(): leaderboard columns
 
     # -- the judge as a comparability key (leaderboard columns) -----------------------------------
     @property
     def judge_model(self) -> str:
-        return "+".join(sorted({m for m, _ in self._judges_seen})) or self.judge.model
+        return self.judge_keys.model
 
     @property
     def judge_digest(self) -> str:
-        return "+".join(sorted({d for _, d in self._judges_seen}))
+        return self.judge_keys.digest
 
     def samples(self) -> list[Sample]:
         return [Sample(f"{self.split}/{i:04d}-{text_hash(e['instruction'], e['input'])[:8]}",
@@ -123,12 +123,7 @@ class InstructTask:
         return records
 
     def metrics(self, records: list[Record]) -> dict[str, Metric]:
-        judges = sorted({(r.extra.get("judge_model", ""), r.extra.get("judge_digest", "")) for r in records})
-        other = [m for m, _ in judges if m != self.judge.model]
-        if other:
-            raise TaskError(f"records here were graded by judge {other[0]!r}, not judge.model="
-                            f"{self.judge.model!r}: use a new hydra.run.dir for a different judge")
-        self._judges_seen = judges
+        self.judge_keys.check(records)
         if (failed := sum(bool(r.extra.get("retry")) for r in records)) and len(records) > failed:
             log.warning("%d of %d samples are unscored because the judge failed (%s); rerun the same "
                         "hydra.run.dir to retry them", failed, len(records), _reasons(records, True))
@@ -165,18 +160,6 @@ class InstructTask:
                          "extra.judge_reply: try judge.json_format=true or another judge.model in a new "
                          "hydra.run.dir)")
         return "no sample was scored: " + "; ".join(parts)
-
-
-def reliability(records: list[Record], key: str) -> dict:
-    """The judge's unscored rate over `records` and, when a second sampled pass was kept
-    (extra[key + "_2"]), the share of samples on which both passes gave the same score."""
-    if not records:
-        return {}
-    out = {"judge_unscored_rate": sum(r.scores.get(key) is None for r in records) / len(records)}
-    if any(f"{key}_2" in r.extra for r in records):
-        rate, n = agreement([r.scores.get(key) for r in records], [r.extra.get(f"{key}_2") for r in records])
-        out["judge_agreement"] = rate if n else None
-    return out
 
 
 def _reasons(records: list[Record], retry: bool, most: int = 3) -> str:

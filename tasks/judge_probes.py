@@ -34,7 +34,7 @@ from typing import Sequence
 
 from harness.judge.styles import get_style, render
 from tasks.base import Metric, Record, Sample, TaskError, check_limit, text_hash
-from tasks.instruct import reliability
+from tasks.judged import reliability
 
 PROBES = Path(__file__).with_name("probes") / "judge_probes.jsonl"
 TEMPLATE_VERSION = "judge_probes/v1"

@@ -37,6 +37,7 @@ from harness.cli import int_option
 from harness.judge import agreement
 from harness.judge.styles import get_style
 from models.protocol import LM
+from tasks.judged import JudgeKeys
 from tasks.base import Metric, Record, Sample, TaskError, check_limit, text_hash
 from tasks.multiple_choice import mean_metric
 from tasks.mt_bench_data import NEED_REF, PROMPT_NAMES, judge_messages, load, parse_rating, prompt_name
@@ -91,17 +92,17 @@ class MTBenchTask:
                                  judge.system(""), str(judge.harden), str(self.reply_tokens),
                                  json.dumps(RATING_SCHEMA) if judge.json_format else "free text",
                                  ",".join(self.categories or ["all"]), data.signature)
-        self._judges_seen: list[tuple[str, str]] = []
+        self.judge_keys = JudgeKeys(judge)
         self.judge_reliability: dict = {}
 
     # -- the judge as a comparability key (leaderboard columns) -----------------------------------
     @property
     def judge_model(self) -> str:
-        return "+".join(sorted({m for m, _ in self._judges_seen})) or self.judge.model
+        return self.judge_keys.model
 
     @property
     def judge_digest(self) -> str:
-        return "+".join(sorted({d for _, d in self._judges_seen}))
+        return self.judge_keys.digest
 
     def samples(self) -> list[Sample]:
         return [Sample(f"q{q['question_id']:03d}",
@@ -159,12 +160,7 @@ class MTBenchTask:
 
     # -- metrics ------------------------------------------------------------------------------------
     def metrics(self, records: list[Record]) -> dict[str, Metric]:
-        judges = sorted({(r.extra.get("judge_model", ""), r.extra.get("judge_digest", "")) for r in records})
-        other = [m for m, _ in judges if m != self.judge.model]
-        if other:
-            raise TaskError(f"records here were graded by judge {other[0]!r}, not judge.model="
-                            f"{self.judge.model!r}: use a new hydra.run.dir for a different judge")
-        self._judges_seen = judges
+        self.judge_keys.check(records)
         if (failed := sum(bool(r.extra.get("retry")) for r in records)) and len(records) > failed:
             log.warning("%d of %d questions have a judgement that failed (%s); rerun the same hydra.run.dir "
                         "to retry them", failed, len(records), _reasons(records, True))

@@ -36,6 +36,7 @@ from harness.cli import int_option
 from harness.judge import agreement
 from harness.pairwise import combine, length_controlled, parse_verdict, summarise
 from models.protocol import LM
+from tasks.judged import JudgeKeys
 from tasks.base import Metric, Record, Sample, TaskError, check_limit, text_hash
 from tasks.instruct import InstructTask
 from tasks.instruction_data import (ALPACA_HEADER, ALPACA_STOP, PROMPT_STYLES, build_prompt, instruction_split,
@@ -87,16 +88,16 @@ class PairwiseTask:
                                  self.prompt["system_prompt"], self.prompt["prompt_template"],
                                  f"harden={judge.harden}", f"json_format={judge.json_format}", self.opponent.signature,
                                  data_signature)
-        self._judges_seen: list[tuple[str, str]] = []
+        self.judge_keys = JudgeKeys(judge)
         self.judge_reliability: dict = {}
 
     @property
     def judge_model(self) -> str:
-        return "+".join(sorted({m for m, _ in self._judges_seen})) or self.judge.model
+        return self.judge_keys.model
 
     @property
     def judge_digest(self) -> str:
-        return "+".join(sorted({d for _, d in self._judges_seen}))
+        return self.judge_keys.digest
 
     def samples(self) -> list[Sample]:
         return list(self._samples)
@@ -159,12 +160,7 @@ class PairwiseTask:
                       prediction=ours, target=theirs, scores={"win": win}, extra=extra)
 
     def metrics(self, records: list[Record]) -> dict[str, Metric]:
-        judges = sorted({(r.extra.get("judge_model", ""), r.extra.get("judge_digest", "")) for r in records})
-        other = [m for m, _ in judges if m != self.judge.model]
-        if other:
-            raise TaskError(f"records here were judged by {other[0]!r}, not judge.model={self.judge.model!r}: "
-                            "use a new hydra.run.dir for a different judge")
-        self._judges_seen = judges
+        self.judge_keys.check(records)
         verdicts = [combine(*(r.extra.get("verdicts") or [None, None])) for r in records]
         s = summarise(verdicts, seed=self.seed)
         n, unscored = s.n_pairs - s.unscored, s.unscored
