@@ -182,6 +182,7 @@ def rows_for(task, lm, result: EvalResult, seed: int, contamination: float | str
     from harness.provenance import summarise
 
     info = dict(getattr(lm, "info", None) or {})
+    keys = getattr(task, "judge_keys", None)     # judged tasks: the judge behind the records (tasks/judged.py)
     record = info.get("provenance") or {}
     lineage = summarise(record)
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -192,8 +193,7 @@ def rows_for(task, lm, result: EvalResult, seed: int, contamination: float | str
         task=task.name, task_version=task.version, num_fewshot=getattr(task, "num_fewshot", 0),
         seed=seed, dtype=info.get("dtype", ""), device=info.get("device", ""),
         batch_size=info.get("batch_size", ""), harness_version=harness.__version__,
-        wall_s=round(result.wall_s, 3), judge_model=getattr(task, "judge_model", "") or "",
-        judge_digest=getattr(task, "judge_digest", "") or "",
+        wall_s=round(result.wall_s, 3), judge_model=keys.model if keys else "", judge_digest=keys.digest if keys else "",
         split=getattr(task, "split", "") or "", parent=lineage["parent"], trained_on=lineage["trained_on"],
         contamination=contamination, **judge_reliability(task))
     return [dict(common, metric=name, value=m.value, stderr=m.stderr, n=m.n, n_unscored=m.n_unscored)

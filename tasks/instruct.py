@@ -82,15 +82,6 @@ class InstructTask:
         self.judge_keys = JudgeKeys(judge)
         self.judge_reliability: dict = {}                # set by metrics(): leaderboard columns
 
-    # -- the judge as a comparability key (leaderboard columns) -----------------------------------
-    @property
-    def judge_model(self) -> str:
-        return self.judge_keys.model
-
-    @property
-    def judge_digest(self) -> str:
-        return self.judge_keys.digest
-
     def samples(self) -> list[Sample]:
         return [Sample(f"{self.split}/{i:04d}-{text_hash(e['instruction'], e['input'])[:8]}",
                        {"instruction": e["instruction"], "input": e["input"], "output": e["output"]})

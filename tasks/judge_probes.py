@@ -34,7 +34,7 @@ from typing import Sequence
 
 from harness.judge.styles import get_style, render
 from tasks.base import Metric, Record, Sample, TaskError, check_limit, text_hash
-from tasks.judged import reliability
+from tasks.judged import JudgeKeys, reliability
 
 PROBES = Path(__file__).with_name("probes") / "judge_probes.jsonl"
 TEMPLATE_VERSION = "judge_probes/v1"
@@ -89,15 +89,8 @@ class JudgeProbesTask:
         self.low, self.high = float(style.low), float(style.high)
         self.version = text_hash(TEMPLATE_VERSION, judge.prompt_template, self.path.read_text(encoding="utf-8"),
                                  *(attack(f, "{wrong}", f"{self.high:g}") for f in FAMILIES))
+        self.judge_keys = JudgeKeys(judge)
         self.judge_reliability: dict = {}
-
-    @property
-    def judge_model(self) -> str:
-        return self.judge.model
-
-    @property
-    def judge_digest(self) -> str:
-        return self.judge.digest
 
     def subject(self) -> JudgeSubject:
         """What the engine scores in place of a model (no model is loaded for this task)."""
@@ -130,6 +123,7 @@ class JudgeProbesTask:
         return records
 
     def metrics(self, records: list[Record]) -> dict[str, Metric]:
+        self.judge_keys.check(records)
         self.judge_reliability = reliability(records, "hardened")
         by = {(r.sample_id.split("/")[0], r.extra["family"]): r.scores for r in records}
         questions = sorted({q for q, _ in by})

@@ -95,15 +95,6 @@ class MTBenchTask:
         self.judge_keys = JudgeKeys(judge)
         self.judge_reliability: dict = {}
 
-    # -- the judge as a comparability key (leaderboard columns) -----------------------------------
-    @property
-    def judge_model(self) -> str:
-        return self.judge_keys.model
-
-    @property
-    def judge_digest(self) -> str:
-        return self.judge_keys.digest
-
     def samples(self) -> list[Sample]:
         return [Sample(f"q{q['question_id']:03d}",
                        {"question_id": q["question_id"], "category": q["category"], "turns": q["turns"],

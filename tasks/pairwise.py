@@ -91,14 +91,6 @@ class PairwiseTask:
         self.judge_keys = JudgeKeys(judge)
         self.judge_reliability: dict = {}
 
-    @property
-    def judge_model(self) -> str:
-        return self.judge_keys.model
-
-    @property
-    def judge_digest(self) -> str:
-        return self.judge_keys.digest
-
     def samples(self) -> list[Sample]:
         return list(self._samples)
 

@@ -76,7 +76,7 @@ def test_metrics_mean_interval_and_unscored(tmp_path):
     low, high = m["score_ci95_low"].value, m["score_ci95_high"].value
     assert 40 <= low < 70 < high <= 100 and m["score_ci95_low"].n_unscored == 2
     assert (low, high) == bootstrap_ci95([80.0, 60.0, 100.0, 40.0], task.seed)   # deterministic
-    assert task.judge_model == "judge" and task.judge_digest == "sha256:abc"
+    assert task.judge_keys.model == "judge" and task.judge_keys.digest == "sha256:abc"
     none = task.metrics([record(0, None), record(1, None)])
     assert all(math.isnan(v.value) and (v.n, v.n_unscored) == (0, 2) for v in none.values())
 
@@ -122,7 +122,7 @@ def test_score_with_garbage_judge_keeps_every_sample(tmp_path, tiny_lm):
         "unparseable reply (3) (final;")
     assert all(r.extra["prompt_style"] == "alpaca" and "### Response:" in r.extra["prompt"] for r in records)
     m = task.metrics(records)
-    assert (m["score"].n, m["score"].n_unscored) == (0, 3) and task.judge_digest == "d1g35tjudge:latest"
+    assert (m["score"].n, m["score"].n_unscored) == (0, 3) and task.judge_keys.digest == "d1g35tjudge:latest"
 
 
 def test_judge_outage_marks_retry_and_a_rerun_scores(tmp_path, tiny_lm):

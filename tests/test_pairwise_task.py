@@ -75,7 +75,7 @@ def test_judge_preferring_the_reference_in_either_position(judged, tiny_lm, tmp_
     assert m["lc_win_rate"].value == 0.0                    # all one outcome: LC equals raw
     assert task.judge_reliability == {"judge_unscored_rate": 0.0, "judge_swap_consistency": 1.0,
                                       "judge_agreement": None}
-    assert task.judge_model == "judge" and task.judge_digest == "d1g35tjudge:latest"
+    assert task.judge_keys.model == "judge" and task.judge_keys.digest == "d1g35tjudge:latest"
 
 
 def test_position_biased_judge_makes_only_ties(judged, tiny_lm):
