@@ -36,16 +36,18 @@ from models.requests import (Unit, encode_pairs, length_batches, loglikelihood_u
 log = logging.getLogger("harness")
 
 
-def load_hf_lm(name: str, dtype: str = "float32", device: str = "cpu", max_batch_tokens: int = 4096,
+def load_hf_lm(name: str, dtype: str = "auto", device: str = "auto", max_batch_tokens: int = 4096,
                gguf_file: str | None = None, progress: bool = True) -> "TransformersLM":
     """The `conf/model/hf.yaml` target. `name`: a local folder (save_pretrained layout, or one
     holding `gguf_file`) or a hub id, downloaded once into the Hugging Face cache."""
-    from models.registry import check_device
+    from models.registry import check_device, resolve_device, resolve_dtype
     if transformers is None:
         raise UserError("model=hf: needs transformers; install it with pip install -e '.[hf]'")
+    device = resolve_device(device)
+    check_device(device)
+    dtype = resolve_dtype(dtype, device)
     if str(dtype) not in DTYPES:
-        raise UserError(f"model.dtype={dtype}: use one of {', '.join(DTYPES)}")
-    check_device(str(device))
+        raise UserError(f"model.dtype={dtype}: use auto or one of {', '.join(DTYPES)}")
     folder, label = resolve_folder(str(name), gguf_file)
     label = f"{label}/{gguf_file}" if gguf_file else label
     check_causal_lm(folder, gguf_file)

@@ -136,6 +136,28 @@ def available_devices() -> list[str]:
     return devices
 
 
+def resolve_device(device: str) -> str:
+    """`auto` -> the best device here: cuda, then mps, then cpu (any other value is kept as given, to
+    be checked by check_device). Why a default of auto: a user on a GPU machine who forgets
+    model.device=cuda would otherwise get CPU speed without a word."""
+    if str(device) != "auto":
+        return str(device)
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """`auto` -> bfloat16 on a CUDA device that supports it, else float32 (CPU bf16 is opt-in: it
+    changes predictions at the margins, see the README's parity section)."""
+    if str(dtype) != "auto":
+        return str(dtype)
+    dev = torch.device(device)
+    if dev.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bfloat16"
+    return "float32"
+
+
 def check_device(device: str, key: str = "model.device") -> torch.device:
     """The torch.device, or a ValueError saying which devices this machine has: checked before the
     weights are loaded, instead of a RuntimeError from deep inside .to() afterwards."""
@@ -155,11 +177,13 @@ def check_device(device: str, key: str = "model.device") -> torch.device:
     return dev
 
 
-def load_lm(name: str, dtype: str = "float32", device: str = "cpu", max_batch_tokens: int = 4096,
+def load_lm(name: str, dtype: str = "auto", device: str = "auto", max_batch_tokens: int = 4096,
             progress: bool = True) -> TorchLM:
+    device = resolve_device(device)
+    check_device(device)
+    dtype = resolve_dtype(dtype, device)
     if dtype not in DTYPES:
-        raise UserError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-    check_device(str(device))
+        raise UserError(f"unknown dtype {dtype!r}; use auto or one of {', '.join(DTYPES)}")
     model, tokenizer, info = load_model(str(name))
     model = model.to(device=device, dtype=DTYPES[dtype])
     label = Path(name).name if name not in MODELS else name

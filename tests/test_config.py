@@ -53,7 +53,7 @@ def test_every_task_model_pair_composes(task, model):
         assert cfg.model._target_ == served[model]
         return
     assert cfg.model._target_ == ("models.hf.load_hf_lm" if model == "hf" else "models.registry.load_lm")
-    assert cfg.model.dtype == "float32" and cfg.model.device == "cpu"
+    assert cfg.model.dtype == "auto" and cfg.model.device == "auto"   # resolved at load (registry.resolve_device)
     if not path_config:
         assert cfg.model.name == model
 

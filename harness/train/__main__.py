@@ -50,8 +50,8 @@ def main(cfg: DictConfig) -> None:
     from harness.train.loop import rank_world
     device = str(cfg.device)
     if device == "auto":
-        import torch
-        cfg.device = device = "cuda" if torch.cuda.is_available() else "cpu"
+        from models.registry import resolve_device
+        cfg.device = device = resolve_device(device)
     if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         cfg.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
 

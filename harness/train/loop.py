@@ -70,7 +70,7 @@ class TrainSettings:
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0              # 0: off
-    precision: str = "fp32"             # fp32 | bf16-mixed (autocast; weights and optimizer stay fp32)
+    precision: str = "fp32"             # fp32 | bf16-mixed (autocast; weights and optimizer stay fp32) | auto
     device: str = "cpu"
     seed: int = 123
     eval_every: int = 100               # steps; the last step always evaluates
@@ -84,8 +84,11 @@ class TrainSettings:
     progress: bool = True
 
     def __post_init__(self):
+        if self.precision == "auto":         # bf16 autocast where the device does bf16 natively (CUDA), else fp32
+            from models.registry import resolve_dtype
+            self.precision = "bf16-mixed" if resolve_dtype("auto", self.device) == "bfloat16" else "fp32"
         if self.precision not in PRECISIONS:
-            raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+            raise UserError(f"precision must be auto or one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.grad_accum < 1 or (self.max_steps is not None and self.max_steps < 1):
             raise UserError("grad_accum and max_steps must be >= 1")
 
