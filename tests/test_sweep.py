@@ -1,5 +1,6 @@
-"""A parallel Hydra sweep (joblib launcher): two tiny models x one small task, two jobs at once,
-every job appends its rows; then the sweep's leaderboard renders and its two runs compare."""
+"""Hydra sweeps: the joblib launcher (two tiny models x one small task, two jobs at once, every job
+appends its rows; then the sweep's leaderboard renders and its two runs compare) and the submitit
+launchers (submitit_local runs a grid; the SLURM config composes)."""
 import subprocess
 import sys
 
@@ -53,3 +54,31 @@ def test_joblib_sweep_with_a_failing_job_exits_2(tmp_path):
     assert p.returncode == 2, p.stdout + p.stderr
     assert "error:" in p.stderr
     assert len(pd.read_csv(board).run_id.unique()) == 1      # the good job still appended its rows
+
+
+def test_submitit_local_grid_lands_every_row_once(tmp_path):
+    """hydra/launcher=submitit_local, the stand-in for SLURM (the same launcher code, jobs as local
+    processes): a 2 x 2 grid, four jobs appending to one leaderboard under its lock."""
+    board, sweep = tmp_path / "lb.csv", tmp_path / "sweep"
+    p = python_m("harness", "-m", "hydra/launcher=submitit_local", "task=mmlu", "task.subjects=[abstract_algebra]",
+                 "task.limit=4", "model=gpt-tiny,llama-tiny", "seed=1,2", f"leaderboard={board}",
+                 f"hydra.sweep.dir={sweep}")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "Submitit 'local' sweep" in p.stdout + p.stderr          # really the submitit launcher
+    df = pd.read_csv(board)
+    assert df.run_id.nunique() == 4 and len(df) == 4 * df.groupby("run_id").size().iloc[0]
+    assert sorted(df.groupby(["model", "seed"]).run_id.nunique().items()) == [
+        (("gpt-tiny", 1), 1), (("gpt-tiny", 2), 1), (("llama-tiny", 1), 1), (("llama-tiny", 2), 1)]
+    assert not df.duplicated(["run_id", "metric"]).any()
+
+
+def test_slurm_launcher_config_composes():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("eval", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu",
+                                         "hydra.launcher.gpus_per_node=2", "hydra.launcher.timeout_min=30"],
+                      return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (launcher.partition, launcher.gpus_per_node, launcher.timeout_min) == ("gpu", 2, 30)
