@@ -5,12 +5,15 @@ Bad input (unknown task/model, missing or corrupt files, bad config values, a le
 cannot be written) prints one `error:` line on stderr, exits with status 2 and appends nothing; the
 checks that need no model run before the model is loaded. In a multirun the other jobs still run,
 and the sweep exits 2 when any job failed, whichever launcher ran the jobs (harness/cli.py).
+Under `torchrun --nproc_per_node=N -m harness ...` the ranks share each chunk of samples and rank 0
+writes (harness/data_parallel.py).
 
 Re-running a finished run folder scores nothing and appends nothing (append_again=true appends its
 rows once more); samples left unscored for a passing reason (a judge timeout) are scored again.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -21,6 +24,24 @@ from harness.cli import bool_option, exit_after, int_option, run_cli
 from harness.config import rewrite_argv
 
 log = logging.getLogger("harness")
+
+
+def _join_ranks(cfg: DictConfig, run_dir: Path) -> tuple[int, Path]:
+    """Under torchrun: join the process group, give each rank its own GPU, and use rank 0's run
+    folder everywhere (each rank's Hydra stamped its own time). (0, run_dir) outside torchrun."""
+    from harness import data_parallel as dp
+
+    rank, world = dp.rank_world()
+    if world <= 1:
+        return 0, run_dir
+    device = "cpu"
+    if "device" in cfg.model:
+        from models.registry import resolve_device
+        device = cfg.model.device = dp.local_device(resolve_device(str(cfg.model.device)))
+    dp.init(device)
+    if rank:
+        logging.getLogger("harness").setLevel(logging.WARNING)   # one progress report: rank 0's
+    return rank, dp.broadcast(run_dir)
 
 
 def run_job(cfg: DictConfig, run_dir: Path) -> None:
@@ -41,7 +62,8 @@ def run_job(cfg: DictConfig, run_dir: Path) -> None:
     append_again = bool_option(cfg.get("append_again", False), "append_again")
     board = Path(to_absolute_path(str(cfg.leaderboard)))
     check_appendable(board)
-    with run_dir_lock(run_dir):
+    rank, run_dir = _join_ranks(cfg, run_dir)
+    with run_dir_lock(run_dir) if rank == 0 else contextlib.nullcontext():
         task = instantiate(cfg.task, "task")
         # A task that evaluates something other than a model (task=judge_probes: the judge) names it.
         lm = task.subject() if hasattr(task, "subject") else instantiate(cfg.model, "model")
@@ -49,6 +71,8 @@ def run_job(cfg: DictConfig, run_dir: Path) -> None:
         info = getattr(lm, "info", None) or {}
         run_key = {k: info.get(k, "") for k in ("model", "checkpoint_sha", "dtype", "device")}
         result = evaluate(task, lm, run_dir, seed, chunk_size, run_key, locked=True)
+        if rank:                          # torchrun: rank 0 reports and appends (harness/data_parallel.py)
+            return
         # Share of the task's samples found in the checkpoint's training data (harness/contamination.py).
         contamination = contamination_cell(info.get("provenance"), task, ngram)
         rows = rows_for(task, lm, result, seed, contamination)

@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from harness.cli import UserError
+from harness.data_parallel import broadcast, rank_world, sample_cost, score_chunk
 from harness.io import read_json, write_json
 from harness.records import RecordWriter, load_records
 
@@ -108,6 +109,9 @@ def evaluate(task, lm, run_dir, seed: int = 1234, chunk_size: int = 256,
     """Score every sample of `task` with `lm`, reusing records a killed run left in `run_dir`.
     locked=True: the caller already holds run_dir_lock(run_dir)."""
     run_dir = Path(run_dir)
+    rank, world = rank_world()
+    if rank:                                       # torchrun: rank 0 owns the run folder
+        return _score_share(task, lm, seed, chunk_size)
     if not locked:
         with run_dir_lock(run_dir):
             return evaluate(task, lm, run_dir, seed, chunk_size, run_key, locked=True)
@@ -116,28 +120,26 @@ def evaluate(task, lm, run_dir, seed: int = 1234, chunk_size: int = 256,
     seed_everything(seed)
     key = {"task": task.name, "task_version": task.version, "seed": seed, **(run_key or {})}
     state = _open_run(run_dir, key)
-    samples = list(task.samples())
+    samples = _samples(task)
     ids = [s.id for s in samples]
-    if not ids:
-        raise UserError(f"task {task.name} has no samples to score (limit=0 or empty data?)")
-    if len(set(ids)) != len(ids):
-        dup = Counter(ids).most_common(1)[0][0]
-        raise RuntimeError(f"task {task.name} yields sample id {dup!r} more than once")
     rec_path = run_dir / "records.jsonl"
     records = load_records(rec_path)
     done = finished(records)
     latest = {r.sample_id: r for r in records}     # the retryable ones too, until rescored
     todo = [s for s in samples if s.id not in done]
+    broadcast([s.id for s in todo])                # what the other ranks share out (data_parallel.py)
     n_reused = len(samples) - len(todo)
     if n_reused:
         log.info("resuming: reusing %d finished records of %d from %s", n_reused, len(samples), rec_path)
+    if world > 1:
+        log.info("data parallel: %d ranks share each chunk of %d samples", world, chunk_size)
     step = max(1, int(chunk_size))
     with RecordWriter(rec_path) as writer, tqdm(total=len(samples), initial=n_reused,
                                                 desc=task.name, unit="sample") as bar:
         for start in range(0, len(todo), step):
             chunk = todo[start:start + step]
             t0 = time.perf_counter()
-            new = task.score(lm, chunk)
+            new = score_chunk(lambda part: task.score(lm, part), chunk, _costs(lm, chunk, world))
             got, want = sorted(r.sample_id for r in new), sorted(s.id for s in chunk)
             if got != want:
                 raise RuntimeError(f"task {task.name} returned {len(new)} records for {len(chunk)} "
@@ -155,6 +157,33 @@ def evaluate(task, lm, run_dir, seed: int = 1234, chunk_size: int = 256,
         log.warning("%d of %d samples are unscored for a passing reason (see records.jsonl); run the same "
                     "hydra.run.dir again to retry them", retry, len(final))
     return EvalResult(metrics, state["scoring_s"], len(samples), n_reused, state["run_id"])
+
+
+def _samples(task) -> list:
+    samples = list(task.samples())
+    ids = [s.id for s in samples]
+    if not ids:
+        raise UserError(f"task {task.name} has no samples to score (limit=0 or empty data?)")
+    if len(set(ids)) != len(ids):
+        dup = Counter(ids).most_common(1)[0][0]
+        raise RuntimeError(f"task {task.name} yields sample id {dup!r} more than once")
+    return samples
+
+
+def _costs(lm, chunk: list, world: int) -> list[int]:
+    return [sample_cost(lm, s) for s in chunk] if world > 1 else []
+
+
+def _score_share(task, lm, seed: int, chunk_size: int) -> None:
+    """A rank other than 0: score this rank's share of every chunk rank 0 names; write nothing."""
+    seed_everything(seed)
+    by_id = {s.id: s for s in _samples(task)}
+    todo = [by_id[i] for i in broadcast(None)]
+    step = max(1, int(chunk_size))
+    for start in range(0, len(todo), step):
+        chunk = todo[start:start + step]
+        score_chunk(lambda part: task.score(lm, part), chunk, _costs(lm, chunk, rank_world()[1]))
+    return None
 
 
 def _check_something_scored(task, records: list, metrics: dict, rec_path: Path) -> None:
