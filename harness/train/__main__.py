@@ -6,7 +6,6 @@ another architecture) prints one `error:` line on stderr and exits with status 2
 A run stopped by SIGTERM/SIGINT writes its checkpoint and exits with 128 + the signal number.
 """
 import importlib
-import os
 from pathlib import Path
 
 import hydra
@@ -14,21 +13,9 @@ from omegaconf import DictConfig
 
 from harness.cli import UserError, exit_after, run_cli
 from harness.config import rewrite_argv
+from harness.data_parallel import init as init_distributed
 
 CONF_DIR = Path(__file__).resolve().parent.parent.parent / "conf"
-
-
-def init_distributed(device: str) -> None:
-    """Under torchrun (WORLD_SIZE > 1): one process group, nccl on CUDA, gloo on CPU."""
-    import torch
-    import torch.distributed as dist
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return
-    if str(device).startswith("cuda"):
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl")
-    else:
-        dist.init_process_group("gloo")
 
 
 def recipe_fn(name: str):
@@ -48,17 +35,14 @@ def main(cfg: DictConfig) -> None:
     import torch.distributed as dist
 
     from harness.train.loop import rank_world
-    device = str(cfg.device)
-    if device == "auto":
-        from models.registry import resolve_device
-        cfg.device = device = resolve_device(device)
-    if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        cfg.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    from harness.data_parallel import local_device
+    from models.registry import resolve_device
+    cfg.device = local_device(resolve_device(str(cfg.device)))    # auto -> cuda/mps/cpu; cuda:<LOCAL_RANK> under torchrun
 
     def job() -> int:
         from models.registry import check_device
         check_device(str(cfg.device), "device")   # one line naming the devices here, not a CUDA traceback
-        init_distributed(device)
+        init_distributed(str(cfg.device))   # one process group under torchrun (harness/data_parallel.py)
         if rank_world()[0] != 0:
             logging.getLogger("harness").setLevel(logging.WARNING)
         result = recipe_fn(str(cfg.train.recipe))(cfg)
