@@ -14,9 +14,11 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 
 def test_fsdp_losses_match_ddp_step_by_step_and_the_checkpoint_evaluates(tmp_path):
-    # activation checkpointing on the FSDP side only: recomputation must not change a number
+    # activation checkpointing on the FSDP side only: recomputation must not change a number;
+    # 16 validation windows in batches of 6: 2 batches on rank 0, 1 on rank 1 (evaluation must not
+    # need a collective per batch)
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
-    common = ["train.batch_size=2", "train.max_steps=6", "train.eval_every=3"]
+    common = ["train.batch_size=6", "train.max_steps=6", "train.eval_every=3", "train.eval_batches=null"]
     assert_ok(train_cli(f"output_dir={ddp}", *common, launcher=TORCHRUN))
     p = train_cli(f"output_dir={fsdp}", *common, "strategy=fsdp", "activation_checkpointing=true",
                   launcher=TORCHRUN)
