@@ -117,9 +117,10 @@ def load_native(folder: Path, expect: torch.nn.Module | None = None):
 
 
 def save_checkpoint(folder: str | Path, model: torch.nn.Module, tokenizer, provenance: dict,
-                    overwrite: bool = False, labels: list[str] | None = None) -> Path:
+                    overwrite: bool = False, labels: list[str] | None = None, state: dict | None = None) -> Path:
     """Write model.safetensors + config.json + tokenizer files + provenance.json atomically: into a
-    temporary sibling folder first, renamed into place only when complete."""
+    temporary sibling folder first, renamed into place only when complete. `state`: the weights to
+    write instead of model.state_dict() (a sharded model's, gathered by the caller)."""
     from safetensors.torch import save_file
     folder = Path(folder)
     if folder.exists() and not overwrite:
@@ -127,7 +128,7 @@ def save_checkpoint(folder: str | Path, model: torch.nn.Module, tokenizer, prove
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     try:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        state = {k: v.detach().contiguous().cpu() for k, v in (model.state_dict() if state is None else state).items()}
         save_file(state, str(tmp / "model.safetensors"))
         meta = {"architecture": model.architecture, "config": asdict(model.config)}
         if labels:  # a classifier's class names, in head order

@@ -26,7 +26,8 @@ eval_at_start evaluates once before the first step (a step-0 metrics row; proven
 Optimizer steps: max_steps, or epochs * per_epoch // grad_accum. Schedule: linear warmup, cosine decay
 to lr * min_lr_ratio. AdamW (fused where torch has it) with weight decay on matrices and embeddings
 only. Under torchrun (dist initialized by harness.train.__main__) the loss module runs under
-DistributedDataParallel and only rank 0 writes. SIGTERM/SIGINT finish the current step, write
+DistributedDataParallel (strategy=ddp) or sharded with FSDP2 (strategy=fsdp, harness/train/fsdp.py),
+and only rank 0 writes. SIGTERM/SIGINT finish the current step, write
 `last/` and return with result["signal"] set; a second SIGINT aborts at once.
 """
 from __future__ import annotations
@@ -46,6 +47,7 @@ import torch.distributed as dist
 
 import harness
 from harness.cli import UserError
+from harness.train import fsdp
 from harness.train import state as st
 from harness.train.common import (LossModule, Signals, first_numel, lr_factor, make_optimizer, rank_world, report,
                                    to_device)
@@ -82,6 +84,8 @@ class TrainSettings:
     keep_last: bool = False             # keep last/ (optimizer state) after the final checkpoint
     stop_at_step: int | None = None     # write last/ and stop there; resume=true continues
     progress: bool = True
+    strategy: str = "ddp"               # ddp | fsdp (under torchrun; one process trains plainly either way)
+    activation_checkpointing: bool = False   # recompute each block's activations in backward
 
     def __post_init__(self):
         if self.precision == "auto":         # bf16 autocast where the device does bf16 natively (CUDA), else fp32
@@ -89,6 +93,7 @@ class TrainSettings:
             self.precision = "bf16-mixed" if resolve_dtype("auto", self.device) == "bfloat16" else "fp32"
         if self.precision not in PRECISIONS:
             raise UserError(f"precision must be auto or one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        fsdp.check_strategy(self.strategy)
         if self.grad_accum < 1 or (self.max_steps is not None and self.max_steps < 1):
             raise UserError("grad_accum and max_steps must be >= 1")
 
@@ -126,9 +131,17 @@ def train(model, loss_fn, train_batches, val_batches, settings: TrainSettings, r
                          f"grad_accum={s.grad_accum}; use more data or a smaller batch")
     total = s.max_steps or max(1, int(s.epochs * train_batches.per_epoch) // s.grad_accum)
     model.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    if not any(p.requires_grad for p in model.parameters()):
         raise UserError("the model has no trainable parameters")
+    if s.activation_checkpointing:
+        fsdp.checkpoint_blocks(model)
+    lossmod = LossModule(model, loss_fn)
+    sharded = s.strategy == "fsdp" and world > 1
+    if sharded:   # before the optimizer, which must hold the sharded parameters
+        fsdp.shard(lossmod, model, s.precision)
+    elif s.strategy == "fsdp" and main:
+        log.info("strategy=fsdp with one process: nothing to shard, training as usual")
+    params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(model, s, device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, warmup=s.warmup_steps, total=total,
                                                            min_ratio=s.min_lr_ratio))
@@ -136,11 +149,13 @@ def train(model, loss_fn, train_batches, val_batches, settings: TrainSettings, r
     ts = dict(step=0, position=0, tokens=0, row_loss=0.0, row_n=0, eval_loss=0.0, eval_n=0,
               train_loss=None, val_loss=None, elapsed_s=0.0, row_extras={}, val_metrics=None, val_before=None)
     if run.resume_from:
-        saved = st.load_state(run.resume_from, model)
+        saved = (fsdp.load_state(run.resume_from, lossmod, opt) if sharded
+                 else st.load_state(run.resume_from, model))
         if saved["world_size"] != world:
             raise st.RunError(f"{run.resume_from} was written by a {saved['world_size']}-process run; "
                               f"resume it with the same number of processes (not {world})")
-        opt.load_state_dict(saved["optimizer"])
+        if not sharded:
+            opt.load_state_dict(saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
         ts.update(saved["loop"])
         st.set_rng_state(saved["rng"][rank])
@@ -153,8 +168,9 @@ def train(model, loss_fn, train_batches, val_batches, settings: TrainSettings, r
         log.info("run %s: %d steps of %d (%.3g epochs) into %s%s", run.id, total - ts["step"], total,
                  total * s.grad_accum / train_batches.per_epoch, out,
                  f", resuming at step {ts['step']}" if run.resume_from else "")
-    lossmod = LossModule(model, loss_fn)
-    ddp = torch.nn.parallel.DistributedDataParallel(lossmod) if world > 1 else None
+    ddp = torch.nn.parallel.DistributedDataParallel(lossmod) if world > 1 and not sharded else None
+    # the bare model's weights in full on every rank (sharded: gathered for the duration; a collective)
+    full = partial(fsdp.full_params, lossmod) if sharded else nullcontext
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if s.precision == "bf16-mixed"
                 else nullcontext())
     base_prov = {"id": run.id, **(provenance or {}), "config": run.config, "seed": s.seed,
@@ -170,22 +186,24 @@ def train(model, loss_fn, train_batches, val_batches, settings: TrainSettings, r
         if world > 1:  # every rank's dropout stream, so a resumed DDP run continues each one
             rngs = [None] * world
             dist.all_gather_object(rngs, st.rng_state())
+        trainer_state = {"scheduler": sched.state_dict(), "rng": rngs, "loop": dict(ts), "world_size": world}
+        if sharded:
+            fsdp.save_state(out, lossmod, opt, trainer_state, prov(False), main)
+        elif main:
+            st.save_state(out, model, tokenizer, prov(False), {"optimizer": opt.state_dict(), **trainer_state}, labels)
         if main:
-            st.save_state(out, model, tokenizer, prov(False), {
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rngs,
-                "loop": dict(ts), "world_size": world}, labels)
             st.plot_losses(out, run.id)
 
     def evaluate() -> tuple[float | None, dict[str, float]]:
         """(mean validation loss, {metric: mean}) per example over the validation batches of every rank."""
         model.eval()
         sums, names = None, []
-        with torch.no_grad():
+        with torch.no_grad(), full():
             for k, batch in enumerate(val_batches or ()):
                 if s.eval_batches and k >= s.eval_batches:
                     break
                 with autocast:
-                    loss, extras = split_output(loss_fn(model, to_device(batch, device)))
+                    loss, extras = split_output(lossmod(to_device(batch, device)))  # sharded: FSDP's root
                 names = sorted(extras)
                 # weighted by the batch's rows, so a short last batch counts per example, not as a full one
                 rows = float(_rows(batch))
@@ -235,6 +253,8 @@ def train(model, loss_fn, train_batches, val_batches, settings: TrainSettings, r
                 ts["tokens"] += count_tokens(batch) * world
                 row_tokens += count_tokens(batch) * world
                 sync = ddp is None or micro == s.grad_accum - 1
+                if sharded:
+                    fsdp.set_sync(lossmod, micro == s.grad_accum - 1)
                 with ddp.no_sync() if not sync else nullcontext():
                     with autocast:
                         loss, extras = split_output((ddp or lossmod)(batch))
@@ -281,11 +301,13 @@ def train(model, loss_fn, train_batches, val_batches, settings: TrainSettings, r
                     row.update(eval_row())
                     row["train_loss_avg"] = ts["train_loss"]
                 want_sample = sample_fn and (step == total or (s.sample_every and step % s.sample_every == 0))
+                if want_sample:
+                    with full():
+                        if main:
+                            model.eval()
+                            row["sample"] = sample_fn(model)
+                            model.train()
                 if main:
-                    if want_sample:
-                        model.eval()
-                        row["sample"] = sample_fn(model)
-                        model.train()
                     st.append_metrics(out, {**row, "tokens_seen": ts["tokens"]})
                     report(bar, row, do_eval, step)
             if bar:
@@ -301,8 +323,10 @@ def train(model, loss_fn, train_batches, val_batches, settings: TrainSettings, r
         if stopped and main:
             log.info("stopped at step %d of %d (%s); checkpoint in %s; continue with resume=true",
                      ts["step"], total, "signal" if stopped == "signal" else "stop_at_step", out / st.LAST)
-        elif main:
-            st.publish_final(out, model, tokenizer, prov(True), labels)
+        if not stopped:
+            state = fsdp.full_state(lossmod) if sharded else None   # a collective: every rank
+        if not stopped and main:
+            st.publish_final(out, model, tokenizer, prov(True), labels, state=state)
             st.plot_losses(out, run.id)
             if not s.keep_last:
                 shutil.rmtree(out / st.LAST, ignore_errors=True)

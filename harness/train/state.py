@@ -139,11 +139,16 @@ def set_rng_state(state: dict) -> None:
 def save_state(out_dir: Path, model, tokenizer, provenance: dict, trainer_state: dict, labels=None) -> Path:
     """Write `last/` atomically: a complete staging folder, then two renames (last -> last.old,
     staging -> last); `last_checkpoint` finds last.old if a kill lands between them."""
-    last, old = out_dir / LAST, out_dir / (LAST + ".old")
     staging = out_dir / f"{TMP}last-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     save_checkpoint(staging, model, tokenizer, provenance, labels=labels)
     torch.save(trainer_state, staging / STATE_FILE)
+    return swap_in(out_dir, staging)
+
+
+def swap_in(out_dir: Path, staging: Path) -> Path:
+    """A complete staging folder becomes `last/`: last -> last.old, staging -> last, drop last.old."""
+    last, old = out_dir / LAST, out_dir / (LAST + ".old")
     if last.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(last, old)
@@ -162,12 +167,12 @@ def load_state(folder: Path, model) -> dict:
     return torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
 
 
-def publish_final(out_dir: Path, model, tokenizer, provenance: dict, labels=None) -> None:
+def publish_final(out_dir: Path, model, tokenizer, provenance: dict, labels=None, state: dict | None = None) -> None:
     """The final checkpoint into out_dir itself, file by file (each rename atomic), provenance.json
-    last: it marks the run complete."""
+    last: it marks the run complete. `state`: gathered weights of a sharded model (fsdp.full_state)."""
     staging = out_dir / f"{TMP}final-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    save_checkpoint(staging, model, tokenizer, provenance, labels=labels)
+    save_checkpoint(staging, model, tokenizer, provenance, labels=labels, state=state)
     for name in sorted(os.listdir(staging), key=lambda n: n == "provenance.json"):
         os.replace(staging / name, out_dir / name)
     staging.rmdir()
