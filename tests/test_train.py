@@ -251,3 +251,19 @@ def test_validation_metrics_are_per_example_means(tmp_path):
     result = train(model, loss_fn, ShuffledBatches(rows, 2, seed=0), EvalBatches(rows, 2), settings, run,
                    tokenizer=tokenizer)
     assert result["val_metrics"]["starts_with_1"] == pytest.approx(2 / 3)
+
+
+def test_a_run_made_before_strategy_and_auto_resumes(tmp_path):
+    # Run folders written before `strategy`, `activation_checkpointing` and device/precision=auto
+    # existed record device=cpu, precision=fp32 and neither new key: they resume unchanged.
+    from harness.train.state import RUN_FILE
+
+    out = tmp_path / "run"
+    assert_ok(train_cli(f"output_dir={out}", "train.max_steps=4", "stop_at_step=2"))
+    run = json.loads((out / RUN_FILE).read_text())
+    assert (run["config"]["device"], run["config"]["precision"]) == ("cpu", "fp32")    # resolved, not "auto"
+    for key in ("strategy", "activation_checkpointing"):
+        del run["config"][key]
+    (out / RUN_FILE).write_text(json.dumps(run))
+    assert_ok(train_cli(f"output_dir={out}", "train.max_steps=4", "resume=true"))
+    assert (out / "model.safetensors").exists()

@@ -38,6 +38,9 @@ def main(cfg: DictConfig) -> None:
     from harness.data_parallel import local_device
     from models.registry import resolve_device
     cfg.device = local_device(resolve_device(str(cfg.device)))    # auto -> cuda/mps/cpu; cuda:<LOCAL_RANK> under torchrun
+    if str(cfg.get("precision")) == "auto":   # resolved before the run records its config, as device is
+        from models.registry import resolve_dtype
+        cfg.precision = "bf16-mixed" if resolve_dtype("auto", str(cfg.device)) == "bfloat16" else "fp32"
 
     def job() -> int:
         from models.registry import check_device

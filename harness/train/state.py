@@ -32,6 +32,9 @@ TMP = ".tmp-"
 log = logging.getLogger("harness.train")
 # Keys that do not change what a run computes: they may differ between a run and its resumption.
 OPERATIONAL_KEYS = ("resume", "overwrite", "stop_at_step", "progress")
+# Keys added after runs were already being made, with the value such a run had: an older run folder
+# lacks them and must still resume when they are left at that value.
+ADDED_KEYS = {"strategy": "ddp", "activation_checkpointing": False}
 
 
 class RunError(UserError):
@@ -91,7 +94,7 @@ def check_output(out_dir: str | Path, config: dict, resume: bool | str, overwrit
     if overwrite:
         fresh.clear = True
         return fresh
-    changed = _diff(_comparable(old["config"]), _comparable(config))
+    changed = _diff({**ADDED_KEYS, **_comparable(old["config"])}, _comparable(config))
     if changed:
         raise RunError(f"output_dir {out_dir} holds a different run ({'; '.join(changed[:3])}"
                        f"{' …' if len(changed) > 3 else ''}); choose another output_dir or pass overwrite=true")
