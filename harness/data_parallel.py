@@ -37,10 +37,12 @@ def local_device(device: str) -> str:
 
 def init(device: str) -> None:
     """One process group for the job: nccl between GPUs, gloo on the CPU. Outside torchrun: nothing."""
+    if rank_world()[1] <= 1:
+        return
     import torch
     import torch.distributed as dist
 
-    if rank_world()[1] <= 1 or dist.is_initialized():
+    if dist.is_initialized():
         return
     if str(device).startswith("cuda"):
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -51,10 +53,10 @@ def init(device: str) -> None:
 
 def broadcast(value: Any) -> Any:
     """Rank 0's `value` on every rank (the run folder, the samples left to score)."""
+    if rank_world()[1] <= 1:
+        return value                   # one process: no torch needed (the engine runs without it)
     import torch.distributed as dist
 
-    if rank_world()[1] <= 1:
-        return value
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
@@ -62,11 +64,11 @@ def broadcast(value: Any) -> Any:
 
 def gather(value: Any) -> list | None:
     """Every rank's `value`, in rank order, on rank 0; None on the others."""
-    import torch.distributed as dist
-
     rank, world = rank_world()
     if world <= 1:
         return [value]
+    import torch.distributed as dist
+
     out = [None] * world if rank == 0 else None
     dist.gather_object(value, out, dst=0)
     return out
