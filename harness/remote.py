@@ -101,6 +101,23 @@ class Retrier:
         raise Exhausted(f"{reason} after {attempts} attempt{'s' if attempts > 1 else ''}", answered)
 
 
+def served_id(list_ids: Callable[[], list[str]], retry: Retrier, model: str, what: str) -> tuple[str | None, list[str]]:
+    """(the id an OpenAI-compatible server lists `model` under, every id it lists), matched without
+    case and with or without ":latest"; None when it is not listed. A server without /v1/models
+    (404, 405, 501) gives (model, []): the name is taken as given. Exhausted and final HTTP errors
+    are raised for the caller to word (the judge and model=openai: name different config keys)."""
+    try:
+        ids = retry.call(list_ids, what=what)
+    except Exception as e:
+        if status_of(e) in (404, 405, 501):
+            return model, []
+        raise
+    for wanted in (model, f"{model}:latest"):
+        if found := [i for i in ids if i.lower() == wanted.lower()]:
+            return found[0], ids
+    return None, ids
+
+
 def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 

@@ -28,7 +28,7 @@ import os
 from typing import Sequence
 
 from harness.cli import UserError
-from harness.remote import Exhausted, status_of
+from harness.remote import Exhausted, served_id, status_of
 from models.api_lm import ApiLM, ChatPrompt, check_settings, continuation_logprob, text_logprob
 from models.protocol import cut_at_stop
 from models.requests import move_trailing_space
@@ -74,19 +74,17 @@ class OpenAILM(ApiLM):
     def _model_id(self) -> str:
         """The model's id in /v1/models (checks the server is there and serves it)."""
         try:
-            ids = [m.id for m in self.retry.call(lambda: list(self.client.models.list()), what="/v1/models")]
+            served, ids = served_id(lambda: [m.id for m in self.client.models.list()], self.retry, self.model,
+                                    "/v1/models")
         except Exhausted as e:
             raise UserError(f"cannot reach the OpenAI-compatible server at model.base_url={self.base_url} ({e}); "
                             "start it, or set model.base_url to its address (ending in /v1)") from None
         except Exception as e:
-            if status_of(e) in (404, 405, 501):          # a server without the listing: take the name as given
-                return self.model
             if status_of(e) is None:
                 raise
             raise self.refused("/v1/models", e) from None
-        for wanted in (self.model, f"{self.model}:latest"):
-            if any(i.lower() == wanted.lower() for i in ids):
-                return next(i for i in ids if i.lower() == wanted.lower())
+        if served is not None:
+            return served
         raise UserError(f"model '{self.model}' is not served at model.base_url={self.base_url} (it serves: "
                         f"{', '.join(ids) or 'nothing'}); use model=openai:<one of those>")
 

@@ -158,6 +158,13 @@ def resolve_dtype(dtype: str, device: str) -> str:
     return "float32"
 
 
+def resolve_precision(precision: str, device: str) -> str:
+    """Training's `auto`: bf16-mixed autocast where resolve_dtype picks bf16, else fp32."""
+    if str(precision) != "auto":
+        return str(precision)
+    return "bf16-mixed" if resolve_dtype("auto", device) == "bfloat16" else "fp32"
+
+
 def check_device(device: str, key: str = "model.device") -> torch.device:
     """The torch.device, or a ValueError saying which devices this machine has: checked before the
     weights are loaded, instead of a RuntimeError from deep inside .to() afterwards."""

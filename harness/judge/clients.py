@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
 from harness.judge.host import EXAMPLE, JudgeConfigError, bad_host, check_host, excerpt, not_ollama
-from harness.remote import Exhausted, Retrier, status_of
+from harness.remote import Exhausted, Retrier, served_id, status_of
 
 
 @dataclass(frozen=True)
@@ -133,19 +133,17 @@ class OpenAIClient:
 
     def identity(self, retry: Retrier) -> str:
         try:
-            ids = [m.id for m in retry.call(lambda: list(self._client.models.list()), what="judge /v1/models")]
+            served, ids = served_id(lambda: [m.id for m in self._client.models.list()], retry, self.model,
+                                    "judge /v1/models")
         except Exhausted as e:
             raise JudgeConfigError(f"cannot reach the judge at {self.where} ({e}); start the server or set "
                                    "judge.base_url to its address (ending in /v1)") from None
         except Exception as e:
-            if status_of(e) in (404, 405, 501):       # a server without the listing: take the name as given
-                return self.model
             if status_of(e) is None:
                 raise
             raise self.refused(e) from None
-        for wanted in (self.model, f"{self.model}:latest"):
-            if found := [i for i in ids if i.lower() == wanted.lower()]:
-                return found[0]
+        if served is not None:
+            return served
         raise JudgeConfigError(f"judge model '{self.model}' is not served at {self.where} (it serves: "
                                f"{', '.join(ids) or 'nothing'}); set judge.model to one of those")
 

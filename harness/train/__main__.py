@@ -42,9 +42,9 @@ def main(cfg: DictConfig) -> None:
     def job() -> int:
         from models.registry import check_device
         check_device(str(cfg.device), "device")   # one line naming the devices here, not a CUDA traceback
-        if str(cfg.get("precision")) == "auto":   # resolved before the run records its config, as device is
-            from models.registry import resolve_dtype
-            cfg.precision = "bf16-mixed" if resolve_dtype("auto", str(cfg.device)) == "bfloat16" else "fp32"
+        if "precision" in cfg:                     # resolved before the run records its config, as device is
+            from models.registry import resolve_precision
+            cfg.precision = resolve_precision(cfg.precision, str(cfg.device))
         init_distributed(str(cfg.device))   # one process group under torchrun (harness/data_parallel.py)
         if rank_world()[0] != 0:
             logging.getLogger("harness").setLevel(logging.WARNING)

@@ -88,9 +88,8 @@ class TrainSettings:
     activation_checkpointing: bool = False   # recompute each block's activations in backward
 
     def __post_init__(self):
-        if self.precision == "auto":         # bf16 autocast where the device does bf16 natively (CUDA), else fp32
-            from models.registry import resolve_dtype
-            self.precision = "bf16-mixed" if resolve_dtype("auto", self.device) == "bfloat16" else "fp32"
+        from models.registry import resolve_precision
+        self.precision = resolve_precision(self.precision, self.device)   # auto: bf16-mixed on CUDA with bf16
         if self.precision not in PRECISIONS:
             raise UserError(f"precision must be auto or one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         fsdp.check_strategy(self.strategy)
