@@ -65,6 +65,12 @@ def run_job(cfg: DictConfig, run_dir: Path) -> None:
     rank, run_dir = _join_ranks(cfg, run_dir)
     with run_dir_lock(run_dir) if rank == 0 else contextlib.nullcontext():
         task = instantiate(cfg.task, "task")
+        judge = getattr(task, "judge", None)
+        if judge is not None and not (run_dir / "records.jsonl").exists():
+            # A fresh run of a judged task needs its judge for every sample (the reply cache is keyed
+            # by the judge's digest too): an unreachable or misconfigured judge stops it here, before
+            # the model loads. A run folder with records may be finished and need no judge at all.
+            _ = judge.digest
         # A task that evaluates something other than a model (task=judge_probes: the judge) names it.
         lm = task.subject() if hasattr(task, "subject") else instantiate(cfg.model, "model")
         log.info("task %s (version %s), model %s, run dir %s", task.name, task.version, lm.name, run_dir)

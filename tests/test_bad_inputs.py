@@ -155,6 +155,16 @@ def _cases(w, tmp: Path) -> dict:
     shutil.copytree(w.run, corrupt_run)
     records = corrupt_run / "records.jsonl"
     records.write_text("{not json\n" + records.read_text())
+    # the judged tasks and the judge: a model that does not exist, so an error raised after the model
+    # load would name it instead; nothing listens on port 9 of loopback
+    never_loaded = tmp / "never_loaded"
+
+    def judged(task: str, *extra: str) -> list:
+        return [f"task={task}", f"model={never_loaded}", f"leaderboard={w.board}", f"hydra.run.dir={tmp / 'run'}",
+                *extra]
+
+    empty_folder = tmp / "no_runs"
+    empty_folder.mkdir()
     return {
         # configuration values
         "unknown_task": ("harness", ["task=nope", f"leaderboard={w.board}"], ["unknown task 'nope'", "mmlu"]),
@@ -238,6 +248,37 @@ def _cases(w, tmp: Path) -> dict:
         "ollama_server_unreachable": ("harness", [*MMLU[:1], "model=ollama:m", "model.host=http://127.0.0.1:9",
                                                   *eval_args(w, tmp)[2:]],
                                       ["model.host=http://127.0.0.1:9", "cannot reach Ollama"]),
+        # judged tasks and their judge, refused before the model loads
+        "mt_bench_unknown_category": ("harness", judged("mt_bench", "task.categories=[cooking]"),
+                                      ["task.categories=['cooking']", "no MT-Bench category 'cooking'", "writing"]),
+        "pairwise_unknown_data": ("harness", judged("pairwise", "task.data=nonsense"),
+                                  ["task.data='nonsense'", "instruct, mt_bench"]),
+        "pairwise_opponent_no_folder": ("harness", judged("pairwise", "task.opponent=run:/no/such/folder"),
+                                        ["task.opponent=run:/no/such/folder", "is not a folder",
+                                         "pass a run folder written by python -m harness"]),
+        "pairwise_opponent_unknown_kind": ("harness", judged("pairwise", "task.opponent=champion"),
+                                           ["task.opponent='champion'", "reference or run:<run folder>"]),
+        "pairwise_mt_bench_reference": ("harness", judged("pairwise", "task.data=mt_bench", "task.limit=1"),
+                                        ["task.opponent=reference needs task.data=instruct",
+                                         "task.opponent=run:<a run folder>"]),
+        "judge_base_url_not_a_url": ("harness", judged("mt_bench", "judge=openai", "judge.base_url=notaurl"),
+                                     ["judge.base_url='notaurl'", "http://127.0.0.1:8000/v1"]),
+        "judge_server_unreachable": ("harness", judged("mt_bench", "judge=openai", "judge.base_url=http://127.0.0.1:9/v1",
+                                                       "judge.retries=0", "task.limit=1"),
+                                     ["cannot reach the judge at judge.base_url=http://127.0.0.1:9/v1",
+                                      "start the server"]),
+        "judge_consistency_temperature_negative": ("harness", judged("mt_bench", "judge.self_consistency=true",
+                                                                     "judge.consistency_temperature=-1"),
+                                                   ["judge.consistency_temperature", "[0, 2]", "-1"]),
+        "judge_consistency_temperature_too_high": ("harness", judged("mt_bench", "judge=openai", "judge.self_consistency=true",
+                                                                     "judge.consistency_temperature=5"),
+                                                   ["judge.consistency_temperature", "[0, 2]", "5"]),
+        # training and the arena
+        "train_unknown_strategy": ("harness.train", ["train=pretrain_tiny", "strategy=bogus",
+                                                     f"output_dir={tmp / 'train_out'}"],
+                                   ["strategy", "'bogus'", "ddp, fsdp"]),
+        "arena_no_runs": ("harness.arena", [f"runs={empty_folder}", f"out_dir={tmp / 'arena'}"],
+                          ["no pairwise run folder", "run python -m harness task=pairwise first"]),
     }
 
 
@@ -254,6 +295,10 @@ CASE_NAMES = [
     "compare_out_is_a_folder", "compare_missing_b", "serve_port_not_a_number", "serve_port_out_of_range",
     "export_out_is_a_folder", "serve_max_batch_zero", "openai_server_unreachable", "ollama_server_unreachable",
     "openai_base_url_not_a_url", "api_model_concurrency_zero",
+    "mt_bench_unknown_category", "pairwise_unknown_data", "pairwise_opponent_no_folder",
+    "pairwise_opponent_unknown_kind", "pairwise_mt_bench_reference", "judge_base_url_not_a_url",
+    "judge_server_unreachable", "judge_consistency_temperature_negative", "judge_consistency_temperature_too_high",
+    "train_unknown_strategy", "arena_no_runs",
 ]
 
 
@@ -269,6 +314,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_changes(name, world, tmp_path)
     assert_bad_input(p, *needles)
     assert snapshot(*watched) == before
     assert not list(tmp_path.rglob(".*.tmp")), "a temporary file was left behind"
+    assert not (tmp_path / "run" / "records.jsonl").exists(), "the new run folder got a records file"
 
 
 # --- cases that need a process to misbehave ----------------------------------------------------
