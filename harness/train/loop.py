@@ -14,7 +14,7 @@ train_batches  a batch source: `.per_epoch` (micro-batches per epoch, equal on e
                `.batch(position)`, the micro-batch number `position` counting across epochs, a pure
                function of it (data.ShuffledBatches). Checkpoints save the position, nothing else.
 val_batches    an iterable of batches, re-iterated at every eval (data.EvalBatches), or None.
-settings       TrainSettings below; `settings_from(cfg)` builds it from the Hydra config.
+settings       TrainSettings (harness/train/settings.py); `settings_from(cfg)` builds it from the Hydra config.
 run            state.check_output(...): the output folder, run id, resolved config, what to resume.
 sample_fn      sample_fn(model) -> str: a generation printed and logged at sample_every steps (rank 0,
                eval mode).
@@ -32,14 +32,12 @@ and only rank 0 writes. SIGTERM/SIGINT finish the current step, write
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import shutil
 import signal
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -51,60 +49,16 @@ from harness.train import fsdp
 from harness.train import state as st
 from harness.train.common import (LossModule, Signals, first_numel, lr_factor, make_optimizer, rank_world, report,
                                    to_device)
+from harness.train.settings import PRECISIONS, TrainSettings, settings_from
 
 log = logging.getLogger("harness.train")
-PRECISIONS = ("fp32", "bf16-mixed")
+# what recipes, tests and bench/ import from here; the settings themselves are harness/train/settings.py
+__all__ = ["PRECISIONS", "TrainSettings", "TrainingDiverged", "rank_world", "settings_from", "to_device", "train"]
 
 
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite: a learning rate or data problem the user fixes; the last
     checkpoint stays."""
-
-
-@dataclass
-class TrainSettings:
-    epochs: float = 1
-    max_steps: int | None = None        # overrides epochs
-    grad_accum: int = 1
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1           # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 0
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0              # 0: off
-    precision: str = "fp32"             # fp32 | bf16-mixed (autocast; weights and optimizer stay fp32) | auto
-    device: str = "cpu"
-    seed: int = 123
-    eval_every: int = 100               # steps; the last step always evaluates
-    eval_batches: int | None = None     # cap per rank; None: the whole validation set
-    eval_at_start: bool = False         # also evaluate before the first step (the untrained baseline)
-    sample_every: int = 0               # steps; 0: only after the last step
-    checkpoint_every: int = 0           # steps; 0: only on a signal / stop_at_step
-    log_every: int = 1
-    keep_last: bool = False             # keep last/ (optimizer state) after the final checkpoint
-    stop_at_step: int | None = None     # write last/ and stop there; resume=true continues
-    progress: bool = True
-    strategy: str = "ddp"               # ddp | fsdp (under torchrun; one process trains plainly either way)
-    activation_checkpointing: bool = False   # recompute each block's activations in backward
-
-    def __post_init__(self):
-        from models.registry import resolve_precision
-        self.precision = resolve_precision(self.precision, self.device)   # auto: bf16-mixed on CUDA with bf16
-        if self.precision not in PRECISIONS:
-            raise UserError(f"precision must be auto or one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        fsdp.check_strategy(self.strategy)
-        if self.grad_accum < 1 or (self.max_steps is not None and self.max_steps < 1):
-            raise UserError("grad_accum and max_steps must be >= 1")
-
-
-def settings_from(cfg) -> TrainSettings:
-    """Top-level keys (seed, device, precision, ...) overlaid by the recipe's `train:` group."""
-    from omegaconf import OmegaConf
-    merged = {**OmegaConf.to_container(cfg, resolve=True), **OmegaConf.to_container(cfg.train, resolve=True)}
-    kw = {f.name: merged[f.name] for f in dataclasses.fields(TrainSettings) if merged.get(f.name) is not None}
-    if "betas" in kw:
-        kw["betas"] = tuple(kw["betas"])
-    return TrainSettings(**kw)
 
 
 def split_output(out) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
