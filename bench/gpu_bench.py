@@ -116,11 +116,11 @@ def run_arm(arm: str, args) -> dict:
             import gpu_eval
             subjects, limit = SUBJECTS[args.smoke], (6 if args.smoke else None)
             if arm == "mmlu":
-                rec["result"] = gpu_eval.mmlu(device, args.smoke, subjects, limit, 1 if args.smoke else 2)
+                rec["result"] = gpu_eval.mmlu(device, subjects, limit, 1 if args.smoke else 2)
             elif arm == "decode":
-                rec["result"] = gpu_eval.decode(device, args.smoke, 16 if args.smoke else 256, 2 if args.smoke else 3)
+                rec["result"] = gpu_eval.decode(device, 16 if args.smoke else 256, 2 if args.smoke else 3)
             else:
-                rec["result"] = gpu_eval.data_parallel(device, args.smoke, subjects, 4 if args.smoke else 40)
+                rec["result"] = gpu_eval.data_parallel(device, subjects, 4 if args.smoke else 40)
         rec["status"] = "ok"
     except Exception as e:   # an arm's failure is its own line in the table, never the run's end
         traceback.print_exc()

@@ -44,7 +44,7 @@ def timed(fn, *a):
     return time.perf_counter() - t, out
 
 
-def mmlu(device: torch.device, smoke: bool, subjects: list[str], limit: int | None, repeats: int) -> dict:
+def mmlu(device: torch.device, subjects: list[str], limit: int | None, repeats: int) -> dict:
     import choice_speed as cs
     from models.registry import load_lm
     cs.quiet_libraries()
@@ -88,7 +88,7 @@ def mmlu(device: torch.device, smoke: bool, subjects: list[str], limit: int | No
     return out
 
 
-def decode(device: torch.device, smoke: bool, new_tokens: int, repeats: int) -> dict:
+def decode(device: torch.device, new_tokens: int, repeats: int) -> dict:
     import transformers
 
     import choice_speed as cs
@@ -141,7 +141,7 @@ def _harness_run(launcher: list[str], args: list[str], run_dir: Path, env: dict)
     return time.perf_counter() - t
 
 
-def data_parallel(device: torch.device, smoke: bool, subjects: list[str], limit: int | None) -> dict:
+def data_parallel(device: torch.device, subjects: list[str], limit: int | None) -> dict:
     n_gpu = torch.cuda.device_count() if device.type == "cuda" else 0
     multi = n_gpu > 1
     nproc, dev = (n_gpu, "cuda") if multi else (2, "cpu")
