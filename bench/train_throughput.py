@@ -27,6 +27,7 @@ from harness.train.common import make_optimizer
 from harness.train.loop import TrainSettings
 from harness.train.pretrain import lm_loss
 from models.checkpoint import build_model
+from models.compile import compile_for_training
 from models.gpt import GPT_CONFIGS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -79,6 +80,8 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--slow", action="store_true", help="also time transformers with dropout 0.1 + eager attention")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time ours with compile=true (models.compile.compile_for_training; compiled in the warm-up)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_throughput.json"))
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -88,6 +91,10 @@ def main() -> None:
             "transformers": hf_gpt2(T, fast=True)}
     if args.slow:
         arms["transformers-default"] = hf_gpt2(T, fast=False)
+    if args.compile:   # the same initial weights as ours
+        arms["ours+compile"] = build_model("gpt", {**cfg, "context_length": T, "dropout": 0.0})
+        arms["ours+compile"].load_state_dict(arms["ours"].state_dict())
+        compile_for_training(arms["ours+compile"])
     fpt = flops_per_token(arms["ours"], cfg["n_layers"], cfg["d_model"], T)
     settings = TrainSettings(lr=4e-4, weight_decay=0.1)
     opts = {k: make_optimizer(m, settings, torch.device("cpu")) for k, m in arms.items()}
@@ -127,12 +134,17 @@ def main() -> None:
           f"{fpt / 1e9:.3f} GFLOP/token")
     for d in dtypes:
         print(f"  matmul peak {d}: {peaks[d] / 1e9:.1f} GFLOP/s")
-    print(f"{'model':<22}{'dtype':<6}{'tokens/s':>10}{'s/step':>9}{'MFU':>8}{'ours/it':>9}")
+    print(f"{'model':<22}{'dtype':<6}{'tokens/s':>10}{'s/step':>9}{'MFU':>8}{'ours/it':>9}"
+          + (f"{'compiled/it':>13}" if args.compile else ""))
     for r in results:
         ratio = by[("ours", r["dtype"])]["tokens_per_s"] / r["tokens_per_s"]
         r["ours_over_this"] = round(ratio, 3)
+        extra = ""
+        if args.compile:
+            r["ours_compiled_over_this"] = c = round(by[("ours+compile", r["dtype"])]["tokens_per_s"] / r["tokens_per_s"], 3)
+            extra = f"{c:>12.2f}x"
         print(f"{r['model']:<22}{r['dtype']:<6}{r['tokens_per_s']:>10.1f}{r['step_s']:>9.3f}"
-              f"{100 * r['mfu']:>7.1f}%{ratio:>8.2f}x")
+              f"{100 * r['mfu']:>7.1f}%{ratio:>8.2f}x{extra}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({

@@ -64,8 +64,8 @@ def causal_mask(q_len: int, kv_len: int, device: torch.device | str = "cpu") -> 
 def attention_mask(cache: KVCache | None, q_len: int, device) -> tuple[torch.Tensor | None, bool]:
     """(attn_mask, is_causal) for scaled_dot_product_attention when no explicit mask is given."""
     past = cache.length if cache is not None else 0
-    if past == 0:
-        return None, q_len > 1          # plain causal self-attention
+    if past == 0:   # plain causal self-attention; a branch, not `q_len > 1`, so that under
+        return (None, True) if q_len > 1 else (None, False)   # torch.compile is_causal is a bool
     if q_len == 1:
         return None, False              # one new token sees everything before it
     return causal_mask(q_len, past + q_len, device), False

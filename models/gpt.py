@@ -124,9 +124,14 @@ class GPT(nn.Module):
 
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
         """tokens [B, T] -> token + position embeddings [B, T, d_model] (positions None: start .. start + T)."""
+        # Checked on the host where it can be (positions None: every training step), since reading
+        # positions.max() back waits for the GPU and splits a torch.compile graph.
         if positions is None:
+            too_long = start + tokens.shape[1] > self.config.context_length
             positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
-        if int(positions.max()) >= self.config.context_length:
+        else:
+            too_long = int(positions.max()) >= self.config.context_length
+        if too_long:
             raise ValueError(f"sequence longer than the model's context ({self.config.context_length})")
         return self.drop(self.tok_emb(tokens) + self.pos_emb(positions))
 

@@ -185,7 +185,9 @@ def check_device(device: str, key: str = "model.device") -> torch.device:
 
 
 def load_lm(name: str, dtype: str = "auto", device: str = "auto", max_batch_tokens: int = 4096,
-            progress: bool = True) -> TorchLM:
+            progress: bool = True, compile: bool = False) -> TorchLM:
+    if not isinstance(compile, bool):
+        raise UserError(f"model.compile must be true or false, got {compile!r}")
     device = resolve_device(device)
     check_device(device)
     dtype = resolve_dtype(dtype, device)
@@ -195,4 +197,9 @@ def load_lm(name: str, dtype: str = "auto", device: str = "auto", max_batch_toke
     model = model.to(device=device, dtype=DTYPES[dtype])
     label = Path(name).name if name not in MODELS else name
     info = {"model": label, "dtype": dtype, "device": device, "batch_size": f"{max_batch_tokens}tok", **info}
-    return TorchLM(model, tokenizer, name=label, info=info, max_batch_tokens=max_batch_tokens, progress=progress)
+    lm = TorchLM(model, tokenizer, name=label, info=info, max_batch_tokens=max_batch_tokens, progress=progress)
+    if compile:   # after TorchLM has laid the weights out for inference
+        from models.compile import compile_for_inference
+        compile_for_inference(lm.model)
+        lm.info["compile"] = True
+    return lm

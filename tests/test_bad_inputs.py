@@ -128,7 +128,7 @@ def _cases(w, tmp: Path) -> dict:
     truncated_gguf.write_bytes(GGUF.read_bytes()[:4096] if GGUF.exists() else b"GGUF\x03\x00\x00\x00junk")
     ppl = ["task=perplexity", "model=gpt-tiny", f"leaderboard={w.board}", f"hydra.run.dir={tmp / 'run'}"]
     arc = ["task=arc_easy", "model=gpt-tiny", f"leaderboard={w.board}", f"hydra.run.dir={tmp / 'run'}"]
-    not_json = tiny_checkpoint(tmp / "not_json")
+    not_json = Path(shutil.copytree(w.root / "tiny", tmp / "not_json"))   # the module's, not a new build per case
     (not_json / "config.json").write_text("{architecture: gpt")
     llama_default = tmp / "llama_default"
     shutil.copytree(not_json, llama_default)
@@ -277,6 +277,11 @@ def _cases(w, tmp: Path) -> dict:
         "train_unknown_strategy": ("harness.train", ["train=pretrain_tiny", "strategy=bogus",
                                                      f"output_dir={tmp / 'train_out'}"],
                                    ["strategy", "'bogus'", "ddp, fsdp"]),
+        "train_compile_not_bool": ("harness.train", ["train=pretrain_tiny", "compile=yes",
+                                                     f"output_dir={tmp / 'train_out'}"],
+                                   ["compile must be true or false", "'yes'"]),
+        "eval_compile_not_bool": ("harness", [*ppl, f"task.path={w.text}", "model.compile=sometimes"],
+                                  ["model.compile must be true or false", "'sometimes'"]),
         "arena_no_runs": ("harness.arena", [f"runs={empty_folder}", f"out_dir={tmp / 'arena'}"],
                           ["no pairwise run folder", "run python -m harness task=pairwise first"]),
     }
@@ -298,7 +303,7 @@ CASE_NAMES = [
     "mt_bench_unknown_category", "pairwise_unknown_data", "pairwise_opponent_no_folder",
     "pairwise_opponent_unknown_kind", "pairwise_mt_bench_reference", "judge_base_url_not_a_url",
     "judge_server_unreachable", "judge_consistency_temperature_negative", "judge_consistency_temperature_too_high",
-    "train_unknown_strategy", "arena_no_runs",
+    "train_unknown_strategy", "train_compile_not_bool", "eval_compile_not_bool", "arena_no_runs",
 ]
 
 

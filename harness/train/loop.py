@@ -50,6 +50,7 @@ from harness.train import state as st
 from harness.train.common import (LossModule, Signals, first_numel, lr_factor, make_optimizer, rank_world, report,
                                    to_device)
 from harness.train.settings import PRECISIONS, TrainSettings, settings_from
+from models.compile import compile_for_training
 
 log = logging.getLogger("harness.train")
 # what recipes, tests and bench/ import from here; the settings themselves are harness/train/settings.py
@@ -88,6 +89,8 @@ def train(model, loss_fn, train_batches, val_batches, settings: TrainSettings, r
         raise UserError("the model has no trainable parameters")
     if s.activation_checkpointing:
         fsdp.checkpoint_blocks(model)
+    if s.compile:   # after checkpointing (it wraps the block's forward), before DDP/FSDP and the optimizer
+        compile_for_training(model, log.info if main else None)
     lossmod = LossModule(model, loss_fn)
     sharded = s.strategy == "fsdp" and world > 1
     if sharded:   # before the optimizer, which must hold the sharded parameters

@@ -44,6 +44,7 @@ class TrainSettings:
     progress: bool = True
     strategy: str = "ddp"               # ddp | fsdp (under torchrun; one process trains plainly either way)
     activation_checkpointing: bool = False   # recompute each block's activations in backward
+    compile: bool = False               # torch.compile each block (models/compile.py)
 
     def __post_init__(self):
         from models.registry import resolve_precision
@@ -51,6 +52,8 @@ class TrainSettings:
         if self.precision not in PRECISIONS:
             raise UserError(f"precision must be auto or one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         fsdp.check_strategy(self.strategy)
+        if not isinstance(self.compile, bool):
+            raise UserError(f"compile must be true or false, got {self.compile!r}")
         if self.grad_accum < 1 or (self.max_steps is not None and self.max_steps < 1):
             raise UserError("grad_accum and max_steps must be >= 1")
 

@@ -34,7 +34,7 @@ log = logging.getLogger("harness.train")
 OPERATIONAL_KEYS = ("resume", "overwrite", "stop_at_step", "progress")
 # Keys added after runs were already being made, with the value such a run had: an older run folder
 # lacks them and must still resume when they are left at that value.
-ADDED_KEYS = {"strategy": "ddp", "activation_checkpointing": False}
+ADDED_KEYS = {"strategy": "ddp", "activation_checkpointing": False, "compile": False}
 
 
 class RunError(UserError):
