@@ -153,7 +153,9 @@ def summary_line(rec: dict) -> str:
         return (f"{r['model']} B{r['batch']}xT{r['context']}: ours {o['tokens_per_s']:,.0f} tok/s "
                 f"(MFU {pct(o['mfu_nominal'])} nominal, {pct(o['mfu_measured'])} of measured mm), "
                 f"nanoGPT {n['tokens_per_s']:,.0f} tok/s (MFU {pct(n['mfu_nominal'])} / {pct(n['mfu_measured'])}); "
-                f"ours/nanoGPT {r['ours_over_nanogpt']:.2f}x{goal}")
+                f"ours/nanoGPT {r['ours_over_nanogpt']:.2f}x{goal}" + (
+                    f"; compile=true path (blocks compiled, loss eager) {r['compile_flag_over_nanogpt']:.2f}x nanoGPT"
+                    if "compile_flag_over_nanogpt" in r else ""))
     if rec["arm"] == "mmlu":
         return f"{r['dtype']}: " + "; ".join(
             f"{k} {s['questions']}q ours {s['qps_ours']:.1f} q/s vs lm-eval {s['qps_lmeval']:.1f} "
