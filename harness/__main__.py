@@ -31,6 +31,7 @@ def _join_ranks(cfg: DictConfig, run_dir: Path) -> tuple[int, Path]:
     folder everywhere (each rank's Hydra stamped its own time). (0, run_dir) outside torchrun."""
     from harness import data_parallel as dp
 
+    dp.adopt_submitit_tasks()   # a SLURM job's tasks join as torchrun's ranks would
     rank, world = dp.rank_world()
     if world <= 1:
         return 0, run_dir

@@ -23,6 +23,24 @@ import pickle
 from typing import Any, Callable, Sequence
 
 
+def adopt_submitit_tasks() -> None:
+    """Inside a SLURM job of several tasks (`hydra.launcher.tasks_per_node=N`, one per GPU, under
+    `hydra/launcher=slurm` or `submitit_local`), every task runs the same Hydra job. Exporting
+    submitit's view of the job as torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+    MASTER_PORT) makes those tasks one data-parallel job, exactly as under torchrun, instead of N
+    copies that would each write the same rows. Nothing happens outside such a job or under torchrun."""
+    if "RANK" in os.environ:
+        return
+    try:
+        import submitit
+        env = submitit.JobEnvironment()
+        if env.num_tasks <= 1:
+            return
+    except (ImportError, RuntimeError):   # no submitit, or not inside a submitit job
+        return
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
 def rank_world() -> tuple[int, int]:
     """(rank, world size) from torchrun's environment; (0, 1) outside torchrun."""
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))

@@ -1,6 +1,7 @@
 """Hydra sweeps: the joblib launcher (two tiny models x one small task, two jobs at once, every job
 appends its rows; then the sweep's leaderboard renders and its two runs compare) and the submitit
 launchers (submitit_local runs a grid; the SLURM config composes)."""
+import json
 import subprocess
 import sys
 
@@ -82,3 +83,26 @@ def test_slurm_launcher_config_composes():
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
     assert (launcher.partition, launcher.gpus_per_node, launcher.timeout_min) == ("gpu", 2, 30)
+
+
+def test_submitit_job_of_two_tasks_is_one_data_parallel_run(tmp_path):
+    """hydra.launcher.tasks_per_node=2 (one task per GPU in a SLURM job): the two tasks join as
+    torchrun's ranks would (harness.data_parallel.adopt_submitit_tasks), so the job writes the one
+    run's records and rows once, the same as a single process."""
+    common = ["task=mmlu", "task.subjects=[abstract_algebra]", "task.limit=6", "model=gpt-tiny"]
+    one_board, one_dir = tmp_path / "one.csv", tmp_path / "one"
+    p = python_m("harness", *common, f"leaderboard={one_board}", f"hydra.run.dir={one_dir}")
+    assert p.returncode == 0, p.stdout + p.stderr
+    board, sweep = tmp_path / "lb.csv", tmp_path / "sweep"
+    p = python_m("harness", "-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2", *common,
+                 f"leaderboard={board}", f"hydra.sweep.dir={sweep}")
+    assert p.returncode == 0, p.stdout + p.stderr
+    df, one = pd.read_csv(board), pd.read_csv(one_board)
+    assert df.run_id.nunique() == 1 and not df.duplicated(["run_id", "metric"]).any()
+    assert sorted(df.metric) == sorted(one.metric)
+    assert df.set_index("metric").value.to_dict() == one.set_index("metric").value.to_dict()
+    records = [r for r in sweep.rglob("records.jsonl")]
+    assert len(records) == 1
+    strip = lambda path: [{k: v for k, v in json.loads(line).items() if k not in ("time", "wall_s")}  # noqa: E731
+                          for line in path.read_text().splitlines()]
+    assert strip(records[0]) == strip(one_dir / "records.jsonl")

@@ -35,8 +35,9 @@ def main(cfg: DictConfig) -> None:
     import torch.distributed as dist
 
     from harness.train.loop import rank_world
-    from harness.data_parallel import local_device
+    from harness.data_parallel import adopt_submitit_tasks, local_device
     from models.registry import resolve_device
+    adopt_submitit_tasks()   # a SLURM job's tasks join as torchrun's ranks would
     cfg.device = local_device(resolve_device(str(cfg.device)))    # auto -> cuda/mps/cpu; cuda:<LOCAL_RANK> under torchrun
 
     def job() -> int:
