@@ -1,6 +1,6 @@
 """Training throughput: our GPT-2 124M training step vs transformers' GPT2LMHeadModel at its fastest.
 
-    python bench/train_throughput.py [--rounds 3] [--steps 3] [--dtypes fp32,bf16] [--slow]
+    python bench/train_throughput.py [--rounds 3] [--steps 3] [--dtypes fp32,bf16] [--slow] [--compile]
 
 Both models: GPT-2 124M config, context 256, batch 4, dropout 0, fused AdamW, gradient clipping,
 the same loss (harness.train.pretrain.lm_loss on the logits); transformers uses sdpa attention.
@@ -8,7 +8,8 @@ The step is the training loop's: forward + loss under the autocast of the dtype,
 AdamW step, zero_grad. Arms are interleaved round by round (machine load drifts); we report medians,
 ours/theirs ratios, and model-FLOPs utilisation against this machine's measured matmul peak
 (a large torch.mm in the same dtype). --slow adds transformers with its default dropout 0.1 and
-eager attention, what an untuned setup gets. Writes bench/results/train_throughput.json.
+eager attention, what an untuned setup gets; --compile adds ours with compile=true (each block
+compiled by models.compile; compilation happens in the untimed warm-up). Writes bench/results/train_throughput.json.
 """
 from __future__ import annotations
 
