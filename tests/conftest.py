@@ -14,6 +14,15 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
 
 
+def pytest_configure(config):
+    """`-n N` alone distributes with --dist load; make it loadgroup, which is load for every test
+    without an `xdist_group` mark, so a module marked with one (a heavy module-scoped model, e.g.
+    tests/test_gemma3_270m.py) runs on one worker that loads it once, instead of on every worker that
+    happens to receive one of its tests. An explicit --dist other than load is left alone."""
+    if getattr(config.option, "dist", "no") == "load":
+        config.option.dist = "loadgroup"
+
+
 def models_dir() -> Path:
     return Path(os.environ.get("HARNESS_MODELS", Path.home() / ".cache/harness/models"))
 

@@ -9,8 +9,6 @@ small real HTTP servers on 127.0.0.1.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
@@ -21,7 +19,8 @@ from models.api_lm import ChatPrompt
 from models.ollama_lm import OllamaLM
 from models.openai_lm import OpenAILM
 from tasks.instruction_data import ALPACA_STOP, alpaca_prompt
-from test_cli import ENV, ROOT, assert_one_error_line
+from clitools import run_module
+from test_cli import ENV, assert_one_error_line
 from fake_servers import FakeOpenAI
 from test_judge import CountingProxy, FakeOllama, chat_body
 
@@ -48,9 +47,9 @@ def in_process(smollm2_lm):
 
 
 def harness(*args, tmp_path):
-    env = dict(ENV, HARNESS_CACHE=str(tmp_path / "cache"))
-    return subprocess.run([sys.executable, "-m", "harness", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600, stdin=subprocess.DEVNULL)
+    """`python -m harness args`, in this process (clitools.run_module): a fresh interpreter would add
+    only a torch import."""
+    return run_module("harness", *args, env=dict(ENV, HARNESS_CACHE=str(tmp_path / "cache")))
 
 
 # --- against harness.serve ---------------------------------------------------------------------

@@ -13,7 +13,7 @@ import time
 import pandas as pd
 from ollama import Client
 
-from clitools import ENV, ROOT
+from clitools import ENV, ROOT, run_module
 from test_judge import FakeOllama, chat_body
 
 # The ladder of conf/baselines.yaml, shrunk: gpt-tiny as base model and judge, a few steps per rung.
@@ -48,8 +48,10 @@ def ladder_argv(tmp_path, *args) -> list[str]:
 
 
 def ladder(tmp_path, *args):
-    return subprocess.run(ladder_argv(tmp_path, *args), cwd=ROOT, env=ENV, capture_output=True,
-                          text=True, timeout=900, stdin=subprocess.DEVNULL)
+    """The ladder itself in this process (clitools.run_module; its stages are still subprocesses):
+    a fresh interpreter for it would add only an import of torch and hydra."""
+    _python, _m, module, *rest = ladder_argv(tmp_path, *args)
+    return run_module(module, *rest, env=ENV)
 
 
 def test_ladder_trains_scores_renders_and_resumes(tmp_path):

@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -31,8 +30,8 @@ def _env(monkeypatch, tmp_path):
 def cli(module: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    p = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                       timeout=300, stdin=subprocess.DEVNULL)
+    from clitools import run_module   # in this process: a fresh interpreter would add only a torch import
+    p = run_module(module, *args, cwd=cwd, env=env)
     assert p.returncode == 0, p.stdout + p.stderr
     return p
 

@@ -10,8 +10,6 @@ import copy
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,7 +24,7 @@ from harness.train.sft_data import IGNORE, collate_pairs, dpo_loss, sequence_log
 from models.registry import load_model  # noqa: E402
 from tasks.instruction_data import instruction_file, instruction_split  # noqa: E402
 
-from clitools import ENV  # noqa: E402
+from clitools import ENV, run_module  # noqa: E402
 
 from harness.cli import UserError
 SMOKE = ["progress=false", "train.limit_train=16", "train.limit_val=4", "train.batch_size=4", "train.max_steps=2",
@@ -34,8 +32,8 @@ SMOKE = ["progress=false", "train.limit_train=16", "train.limit_val=4", "train.b
 
 
 def train_cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "harness.train", *args], cwd=ROOT, env=ENV, capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    # in this process (clitools.run_module): a fresh interpreter would add only a torch import
+    return run_module("harness.train", *args, env=ENV)
 
 
 def log_sigmoid(x: float) -> float:

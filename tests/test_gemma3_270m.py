@@ -21,7 +21,6 @@ from llamacpp import assert_llama_cpp_agrees
 from models.gguf_meta import read_metadata
 from models.generate import generate_tokens
 from models.gguf_export import vocab_from_gguf, write_gguf
-from models.gguf_meta import read_metadata
 from models.lm import end_of_turn_ids
 from models.registry import MODELS, fetch, load_model
 from models.requests import move_trailing_space
@@ -31,6 +30,9 @@ from tasks.mmlu import MMLUTask
 from test_judge import FakeOllama, chat_body
 
 transformers = pytest.importorskip("transformers")
+# one pytest-xdist worker runs this module (tests/conftest.py turns -n's --dist load into loadgroup):
+# the model and transformers' reference are loaded once, not once per worker
+pytestmark = pytest.mark.xdist_group("gemma3-270m")
 NAME = "gemma3-270m"
 PROMPTS = [
     "The capital of France is",

@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,15 +23,15 @@ from harness.train.sft_data import IGNORE, collate_sft, encode_example, has_targ
 from models.registry import load_model  # noqa: E402
 from tasks.instruction_data import alpaca_prompt, build_prompt, chat_renderer, instruction_split  # noqa: E402
 
-from clitools import ENV  # noqa: E402
+from clitools import ENV, run_module  # noqa: E402
 SMOKE = ["train=instruct", "model=gpt-tiny", "progress=false", "train.limit_train=16", "train.limit_val=4",
          "train.batch_size=4", "train.max_steps=2", "train.limit_test=2", "train.max_new_tokens=8",
          "train.sample_max_new_tokens=4"]
 
 
 def train_cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "harness.train", *args], cwd=ROOT, env=ENV, capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    # in this process (clitools.run_module): a fresh interpreter would add only a torch import
+    return run_module("harness.train", *args, env=ENV)
 
 
 def assert_ok(p):

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 import models.checkpoint as ckpt
-from clitools import ENV, ROOT
+from clitools import ENV, ROOT, run_module
 from harness.cli import UserError
 from models.checkpoint import CheckpointError, save_checkpoint
 from models.gpt import GPT
@@ -350,9 +350,9 @@ def test_cuda_index_beyond_the_gpus_here(monkeypatch):
 
 
 def test_train_device_is_checked_first(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "harness.train", "device=bogus", f"output_dir={tmp_path / 'out'}",
-                        f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                       timeout=300, stdin=subprocess.DEVNULL)
+    # in this process (clitools.run_module): a fresh interpreter would add only a torch import
+    p = run_module("harness.train", "device=bogus", f"output_dir={tmp_path / 'out'}", f"hydra.run.dir={tmp_path / 'run'}",
+                   env=ENV)
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
     assert [line for line in p.stderr.splitlines() if line.startswith("error: ")] == [
         f"error: device=bogus: not a device name; devices here: {', '.join(available_devices())}"]

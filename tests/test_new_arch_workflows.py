@@ -3,13 +3,11 @@
 llama.cpp), pretraining from scratch, classification finetuning of a checkpoint folder."""
 from __future__ import annotations
 
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from clitools import ENV, ROOT
+from clitools import ENV, ROOT, run_module
 from harness.export import ExportConfig, export
 from llamacpp import assert_llama_cpp_agrees
 from models.architectures import lookup
@@ -66,10 +64,10 @@ def test_llama_cpp_loads_the_export_and_agrees(tmp_path, arch, config):
 @pytest.mark.parametrize("arch, config", [("qwen3", "qwen3-tiny"), ("gemma3", "gemma3-tiny")])
 def test_pretrain_from_scratch(tmp_path, arch, config):
     out = tmp_path / "out"
-    p = subprocess.run([sys.executable, "-m", "harness.train", "train=pretrain_tiny", "progress=false",
-                        f"train.model.arch={arch}", f"train.model.config={config}", "train.max_steps=2",
-                        f"output_dir={out}"], cwd=ROOT, env=ENV | {"HARNESS_CACHE": str(tmp_path / "cache")},
-                       capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    # in this process (clitools.run_module): a fresh interpreter would add only a torch import
+    p = run_module("harness.train", "train=pretrain_tiny", "progress=false", f"train.model.arch={arch}",
+                   f"train.model.config={config}", "train.max_steps=2", f"output_dir={out}",
+                   env=ENV | {"HARNESS_CACHE": str(tmp_path / "cache")})
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     model, _, _ = load_model(str(out))   # the final checkpoint
     assert type(model).architecture == arch
@@ -79,10 +77,9 @@ def test_pretrain_from_scratch(tmp_path, arch, config):
 def test_classify_finetuning(tmp_path, arch, config):
     _, folder = checkpoint(tmp_path / config, arch, config)
     out = tmp_path / "spam"
-    p = subprocess.run([sys.executable, "-m", "harness.train", "train=classify_spam", "model=checkpoint",
-                        f"model.name={folder}", "train.limit_train=16", "train.limit_val=8", "train.max_steps=2",
-                        "train.eval_every=2", "train.sample_every=2", "progress=false", f"output_dir={out}"],
-                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    p = run_module("harness.train", "train=classify_spam", "model=checkpoint", f"model.name={folder}",
+                   "train.limit_train=16", "train.limit_val=8", "train.max_steps=2", "train.eval_every=2",
+                   "train.sample_every=2", "progress=false", f"output_dir={out}", env=ENV)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
 
 

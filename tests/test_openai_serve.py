@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from clitools import ENV, ROOT
+from clitools import run_module
 
 openai = pytest.importorskip("openai")
 jsonschema = pytest.importorskip("jsonschema")
@@ -179,26 +177,19 @@ def test_lm_evals_local_completions_scores_mmlu_as_the_cli_does(ollama_server, s
     from tasks.multiple_choice import first_argmax
     subjects, limit = ["anatomy", "astronomy"], 2
     run = tmp_path / "run"
-    cli = subprocess.Popen([sys.executable, "-m", "harness", "task=mmlu", "model=smollm2-135m-instruct",
-                            f"task.subjects=[{','.join(subjects)}]", f"task.limit={limit}",
-                            f"leaderboard={tmp_path / 'lb.csv'}", f"hydra.run.dir={run}"], cwd=ROOT, env=ENV,
-                           text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
-    try:
-        tok = tmp_path / "tokenizer"       # lm-eval tokenizes: the GGUF's tokenizer as transformers reads it
-        transformers.AutoTokenizer.from_pretrained(str(smollm2_path.parent),
-                                                   gguf_file=smollm2_path.name).save_pretrained(tok)
-        api = LocalCompletionsAPI(base_url=ollama_server.url + "/v1/completions", model=ollama_server.model,
-                                  tokenizer=str(tok), tokenizer_backend="huggingface", batch_size=4, max_retries=1)
-        samples = MMLUTask(subjects, limit=limit).samples()
-        args = [(s.data["context"], c) for s in samples for c in s.data["continuations"]]
-        lls = [ll for ll, _ in api.loglikelihood([Instance("loglikelihood", {}, a, i) for i, a in enumerate(args)],
-                                                 disable_tqdm=True)]
-        _, stderr = cli.communicate(timeout=300)
-    finally:
-        if cli.poll() is None:
-            cli.kill()
-            cli.wait()
-    assert cli.returncode == 0, stderr[-3000:]
+    tok = tmp_path / "tokenizer"       # lm-eval tokenizes: the GGUF's tokenizer as transformers reads it
+    transformers.AutoTokenizer.from_pretrained(str(smollm2_path.parent),
+                                               gguf_file=smollm2_path.name).save_pretrained(tok)
+    api = LocalCompletionsAPI(base_url=ollama_server.url + "/v1/completions", model=ollama_server.model,
+                              tokenizer=str(tok), tokenizer_backend="huggingface", batch_size=4, max_retries=1)
+    samples = MMLUTask(subjects, limit=limit).samples()
+    args = [(s.data["context"], c) for s in samples for c in s.data["continuations"]]
+    lls = [ll for ll, _ in api.loglikelihood([Instance("loglikelihood", {}, a, i) for i, a in enumerate(args)],
+                                             disable_tqdm=True)]
+    # the CLI in this process (clitools.run_module): a fresh interpreter would add only a torch import
+    cli = run_module("harness", "task=mmlu", "model=smollm2-135m-instruct", f"task.subjects=[{','.join(subjects)}]",
+                     f"task.limit={limit}", f"leaderboard={tmp_path / 'lb.csv'}", f"hydra.run.dir={run}")
+    assert cli.returncode == 0, cli.stderr[-3000:]
     records = {r["sample_id"]: r for r in map(json.loads, (run / "records.jsonl").read_text().splitlines())}
     at = 0
     for s in samples:

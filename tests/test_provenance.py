@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -31,9 +29,9 @@ def env() -> dict:
 
 
 def train(out: Path, *args: str) -> dict:
-    p = subprocess.run([sys.executable, "-m", "harness.train", "train=pretrain_tiny", "progress=false",
-                        f"output_dir={out}", "train.max_steps=1", *args], cwd=ROOT, env=env(),
-                       capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    from clitools import run_module   # in this process: a fresh interpreter would add only a torch import
+    p = run_module("harness.train", "train=pretrain_tiny", "progress=false", f"output_dir={out}",
+                   "train.max_steps=1", *args, env=env())
     assert p.returncode == 0, p.stdout + p.stderr
     return json.loads((out / "provenance.json").read_text())
 

@@ -264,8 +264,10 @@ def test_curl_stream(ollama_server, client):
 # ----------------------------------------------------------------------------- the CLI
 
 def serve(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "harness.serve", *args], cwd=ROOT, env=ENV, capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    """`python -m harness.serve args` for arguments it refuses: in this process (clitools.run_module), as
+    a fresh interpreter would add only a torch import."""
+    from clitools import run_module
+    return run_module("harness.serve", *args, env=ENV)
 
 
 def one_error_line(p) -> str:

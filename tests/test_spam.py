@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -230,8 +228,9 @@ TINY_TRAIN = ["train=classify_spam", "model=gpt-tiny", "train.limit_train=48", "
 
 
 def cli(module, *args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=ENV, capture_output=True,
-                          text=True, timeout=300, stdin=subprocess.DEVNULL)
+    # in this process (clitools.run_module): a fresh interpreter would add only a torch import
+    from clitools import run_module
+    return run_module(module, *args, cwd=cwd, env=ENV)
 
 
 def test_train_then_score_end_to_end(tmp_path):

@@ -8,10 +8,12 @@ import sys
 import pandas as pd
 import pytest
 
-from clitools import ENV, ROOT
+from clitools import ENV, ROOT, run_module
 
 
 def python_m(*args):
+    """A real `python -m ...` process: what the sweeps launch (joblib, submitit) runs beside it. The
+    commands that only read its results (leaderboard, compare) run in this process (run_module)."""
     return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
                           timeout=300, stdin=subprocess.DEVNULL)
 
@@ -34,13 +36,13 @@ def test_joblib_sweep_appends_every_job(tmp_path):
     for job in jobs:
         assert len((job / "records.jsonl").read_text().splitlines()) == 6
 
-    p = python_m("harness.leaderboard", f"leaderboard={board}", f"out_dir={tmp_path / 'out'}", "metrics=[acc,f1]")
+    p = run_module("harness.leaderboard", f"leaderboard={board}", f"out_dir={tmp_path / 'out'}", "metrics=[acc,f1]")
     assert p.returncode == 0, p.stderr
     assert p.stdout.splitlines()[0] == "| model | sms_spam/acc | sms_spam/f1 |"
     rows = sorted(line.split(" | ")[0] for line in p.stdout.splitlines()[2:4])   # in order of appending
     assert rows == ["| gpt-tiny", "| llama-tiny"]
 
-    p = python_m("harness.compare", f"a={jobs[0]}", f"b={jobs[1]}", "n_resamples=1000")
+    p = run_module("harness.compare", f"a={jobs[0]}", f"b={jobs[1]}", "n_resamples=1000")
     assert p.returncode == 0, p.stderr
     assert "paired      6 samples" in p.stdout and "(exact McNemar, two-sided)" in p.stdout
 

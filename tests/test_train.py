@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from clitools import run_module
 from harness.train.data import EvalBatches, ShuffledBatches, Windows
 from harness.train.state import LAST, last_checkpoint
 
@@ -33,7 +34,11 @@ def _token_cache(tmp_path_factory, monkeypatch):
     ENV["HARNESS_CACHE"] = str(cache)
 
 
-def train_cli(*args, launcher=(sys.executable, "-m", "harness.train"), timeout=300):
+def train_cli(*args, launcher=None, timeout=300):
+    """`python -m harness.train <TINY> args`: in this process (clitools.run_module: a fresh interpreter
+    would add only a torch import), or under `launcher` (torchrun) in real processes."""
+    if launcher is None:
+        return run_module("harness.train", *TINY, *args, env=ENV)
     return subprocess.run([*launcher, *TINY, *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
                           timeout=timeout, stdin=subprocess.DEVNULL)
 
@@ -109,9 +114,8 @@ def test_loss_decreases_and_checkpoint_is_evaluable(tmp_path):
     assert np.isfinite(lm.loglikelihood_rolling(["I had always thought Jack Gisburn rather a cheap genius"])[0])
 
     board = tmp_path / "lb.csv"
-    e = subprocess.run([sys.executable, "-m", "harness", "task=perplexity", "task.path=pretrain/the-verdict.txt",
-                        f"model={out}", f"leaderboard={board}", f"hydra.run.dir={tmp_path / 'eval'}"],
-                       cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    e = run_module("harness", "task=perplexity", "task.path=pretrain/the-verdict.txt", f"model={out}",
+                   f"leaderboard={board}", f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path, env=ENV)
     assert e.returncode == 0, e.stderr
     assert prov["id"] in board.read_text()
 
