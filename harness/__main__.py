@@ -54,7 +54,7 @@ def run_job(cfg: DictConfig, run_dir: Path) -> None:
     from harness.contamination import DEFAULT_NGRAM, contamination_cell
     from harness.evaluate import evaluate, read_state, rows_for, run_dir_lock
     from harness.io import write_json
-    from harness.leaderboard import append_rows, check_appendable
+    from harness.report.store import append_rows, check_appendable
 
     # Everything that needs no model first: a typo costs seconds, not a model load.
     seed = int_option(cfg.seed, "seed")

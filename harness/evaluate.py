@@ -200,7 +200,7 @@ def _check_something_scored(task, records: list, metrics: dict, rec_path: Path) 
 def judge_reliability(task) -> dict:
     """The judge's reliability on this run, as a judged task measured it in metrics() (empty cells
     for tasks without a judge, or a measure the task did not take)."""
-    from harness.leaderboard import RELIABILITY
+    from harness.report.store import RELIABILITY
 
     measured = getattr(task, "judge_reliability", None) or {}
     return {k: measured.get(k) for k in RELIABILITY}

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from harness.cli import UserError
-from harness.stats import z_value
+from harness.report.stats import z_value
 
 VERDICTS = ("A", "B", "tie")
 OUTCOMES = ("win", "tie", "loss")

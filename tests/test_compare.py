@@ -7,16 +7,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness.compare import CompareError, compare, data_hash, load_run
+from harness.report.compare import CompareError, compare, data_hash, load_run
 from harness.records import RecordWriter, load_records
-from harness.stats import (binomial_two_sided_half, mcnemar_exact, mean_stderr, normal_ci,
+from harness.report.stats import (binomial_two_sided_half, mcnemar_exact, mean_stderr, normal_ci,
                            paired_bootstrap)
 from tasks.base import Record
 
 from clitools import run_module
 
 
-# --- harness.stats ------------------------------------------------------------------------------
+# --- harness.report.stats ------------------------------------------------------------------------------
 
 def test_mcnemar_exact_hand_computed():
     # b=8 discordant pairs favour a, c=2 favour b: p = 2 * (C(10,0)+C(10,1)+C(10,2)) / 2^10 = 112/1024

@@ -4,7 +4,7 @@ import multiprocessing as mp
 
 import pytest
 
-from harness.leaderboard import COLUMNS, LeaderboardError, append_rows, read_leaderboard
+from harness.report.store import COLUMNS, LeaderboardError, append_rows, read_leaderboard
 
 PROCS, CALLS, ROWS_PER_CALL = 8, 25, 2   # 8 processes x 50 rows
 
@@ -162,3 +162,16 @@ def test_migration_refuses_a_row_wider_than_its_header(tmp_path):
     with pytest.raises(LeaderboardError, match="Expected 21 fields in line 3, saw 22"):
         append_rows(path, [_row(0, 0, 0)])
     assert path.read_bytes() == before
+
+
+def test_the_store_does_not_know_the_renderer():
+    """Data flows one way: the engine appends through harness.report.store; the renderer and compare
+    read. Importing the store (what every eval run does) loads neither."""
+    import subprocess
+    import sys
+
+    code = ("import sys, harness.report.store; "
+            "print([m for m in ('harness.report.render', 'harness.report.compare', 'harness.leaderboard') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=str(__import__("pathlib").Path(__file__).resolve().parent.parent))
+    assert out.stdout.strip() == "[]"

@@ -4,8 +4,8 @@ import pandas as pd
 import pytest
 
 from clitools import ROOT, run_module
-from harness.leaderboard import append_rows
-from harness.render import RenderError, build_table, format_cell, load, prepare, render, to_markdown
+from harness.report.store import append_rows
+from harness.report.render import RenderError, build_table, format_cell, load, prepare, render, to_markdown
 
 
 def row(model, metric, value, *, time, task="mmlu", version="v1aaaa", shots=0, stderr=0.02, n=100,

@@ -12,7 +12,7 @@ metric) has several key combinations, each gets its own column whose header name
 column's full keys. A cell is the latest row for that model and column (`select=best`: the best
 one, lower-is-better for perplexity / bits_per_byte / loss), marked † when its row reports
 `contamination`. A model's rows are split by checkpoint_sha when one name was used for different
-weights. The CLI lives in harness/leaderboard.py's __main__; bad input: one `error:` line, exit 2.
+weights. The CLI is harness/leaderboard.py; bad input: one `error:` line, exit 2.
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ from omegaconf import ListConfig
 
 from harness.cli import UserError
 from harness.io import write_atomic
-from harness.leaderboard import RELIABILITY, read_leaderboard
-from harness.stats import normal_ci
+from harness.report.store import RELIABILITY, read_leaderboard
+from harness.report.stats import normal_ci
 
 KEYS = ("task_version", "num_fewshot", "dtype", "split", "judge_model", "judge_digest")
 LOWER_IS_BETTER = ("perplexity", "bits_per_byte", "loss")
