@@ -240,13 +240,14 @@ def main() -> None:
         print(f"\n  lm-eval hf fp32 (bs={batch_size}): {qps['lmeval']:8.2f} questions/s   "
               f"acc {entry['acc']['lmeval']:.4f}")
         for d in args.dtypes:
+            dtype = d.split("+")[0]          # "float32+compile" is judged as float32
             mine = lls[d]
             pred = predictions(mine, n_choices)
             agree = sum(a == b for a, b in zip(pred, ref_pred))
             agree_pct = 100 * agree / nq
             max_dll = max(abs(a - b) for a, b in zip(mine, ref))
             ratio = qps[d] / qps["lmeval"]
-            target = SPEED_TARGETS.get((d.split("+")[0], k))
+            target = SPEED_TARGETS.get((dtype, k))
             speed_ok = None if target is None else ratio >= target
             diffs = []
             at = 0
@@ -260,7 +261,7 @@ def main() -> None:
                                   "delta_ours": d_ours, "delta_lmeval": d_theirs,
                                   "top2_gap_ours": top2_gap(o), "top2_gap_lmeval": top2_gap(t),
                                   "near_tie": abs(d_ours) < NEAR_TIE and abs(d_theirs) < NEAR_TIE})
-            if d.startswith("float32"):
+            if dtype == "float32":
                 quality_ok = all(x["near_tie"] for x in diffs)
                 quality = f"identical predictions except near-ties (|delta| < {NEAR_TIE:g})"
             else:
@@ -275,12 +276,12 @@ def main() -> None:
                   f"{'>= %gx' % target if target else 'none'}: speed {pf(speed_ok)}")
             print(f"      agreement with lm-eval fp32: {agree}/{nq} = {agree_pct:.2f}%  "
                   f"max |delta loglikelihood| {max_dll:.3g}  ({quality}: {pf(quality_ok)})  => {pf(ok)}")
-            for x in diffs if d == "float32" else diffs[:10]:
+            for x in diffs if dtype == "float32" else diffs[:10]:
                 print(f"      differs: {x['id']} ours {x['ours']} lm-eval {x['lmeval']}  "
                       f"ll(ours pick)-ll(lm-eval pick): ours {x['delta_ours']:+.3g} lm-eval {x['delta_lmeval']:+.3g}  "
                       f"top-2 gaps ours {x['top2_gap_ours']:.3g} lm-eval {x['top2_gap_lmeval']:.3g}  "
                       f"near-tie(<{NEAR_TIE:g}) {'yes' if x['near_tie'] else 'NO'}")
-            if d != "float32" and len(diffs) > 10:
+            if dtype != "float32" and len(diffs) > 10:
                 print(f"      ... {len(diffs) - 10} more (all in the JSON)")
             entry["acc"][d] = acc
             entry["dtypes"][d] = {"qps": qps[d], "ratio_vs_lmeval_fp32": ratio, "target_ratio": target,

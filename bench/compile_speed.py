@@ -1,12 +1,12 @@
 """Does `compile=true` pay on this machine? Eager against compiled, same weights and inputs, per path.
 
-    python bench/compile_speed.py [--paths score,decode,train] [--repeats 3]
+    python bench/compile_speed.py [--paths score,decode] [--repeats 3]
 
 - score:  MMLU 0-shot (context, continuation) requests, SmolLM2-135M fp32, `load_lm(...)` against
           `load_lm(..., compile=True)`: questions/s, max |delta log-likelihood|, prediction agreement.
 - decode: greedy decoding of 64 tokens, SmolLM2-135M bf16 (`generate_tokens`): tokens/s, same tokens.
-- train:  GPT-2 124M training step (bench/train_throughput.py's step: bf16 autocast, fused AdamW,
-          clipping) on a plain model and on one through `models.compile.compile_for_training`.
+Training is measured where its anchor is: `python bench/train_throughput.py --compile` puts
+compile=true (models.compile.compile_for_training) beside eager and transformers in one run.
 The compiled side's first call (tracing and building kernels) is timed apart as compile_s and never
 counted in the throughput. Arms are interleaved per repeat and medians reported; the machine is shared.
 Writes bench/results/compile_speed.json.
@@ -91,58 +91,17 @@ def decode_path(repeats: int, new_tokens: int) -> dict:
     return res
 
 
-def train_path(repeats: int, batch: int, context: int) -> dict:
-    from harness.train.common import make_optimizer
-    from harness.train.loop import TrainSettings
-    from harness.train.pretrain import lm_loss
-    from models.checkpoint import build_model
-    from models.compile import compile_for_training
-    from models.gpt import GPT_CONFIGS
-
-    cfg = {**GPT_CONFIGS["gpt2-124m"], "context_length": context, "dropout": 0.0}
-    torch.manual_seed(0)
-    eager = build_model("gpt", cfg)
-    compiled = build_model("gpt", cfg)
-    compiled.load_state_dict(eager.state_dict())
-    compile_for_training(compiled)
-    settings = TrainSettings(lr=4e-4)
-    x, y = torch.randint(0, 50257, (batch, context)), torch.randint(0, 50257, (batch, context))
-    losses: dict[str, list[float]] = {"eager": [], "compiled": []}
-
-    def step(name, model, opt):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = lm_loss(model, (x, y))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses[name].append(loss.item())
-
-    arms = {}
-    for name, model in (("eager", eager), ("compiled", compiled)):
-        opt = make_optimizer(model, settings, torch.device("cpu"))
-        arms[name] = lambda name=name, model=model, opt=opt: step(name, model, opt)
-    times, first = interleaved(arms, repeats)
-    res = summarize(times, first, batch * context, "tokens")
-    res.update(batch=batch, context=context, dtype="bf16-autocast",
-               max_abs_loss_delta=max(abs(p - q) for p, q in zip(losses["eager"], losses["compiled"])))
-    return res
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--paths", default="score,decode,train")
+    ap.add_argument("--paths", default="score,decode")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--limit", type=int, default=40, help="MMLU anatomy questions (score)")
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--out", default=str(ROOT / "bench/results/compile_speed.json"))
     args = ap.parse_args()
     summary = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "paths": {}}
     run = {"score": lambda: score_path(args.repeats, args.limit),
-           "decode": lambda: decode_path(args.repeats, args.new_tokens),
-           "train": lambda: train_path(args.repeats, args.batch, args.context)}
+           "decode": lambda: decode_path(args.repeats, args.new_tokens)}
     for path in args.paths.split(","):
         print(f"[{path}]", flush=True)
         summary["paths"][path] = res = run[path]()

@@ -25,19 +25,21 @@ import torch
 from harness.cli import UserError
 
 
-def check_available() -> None:
+def check_available(model) -> None:
     """torch.compile's CPU backend writes and builds C++; without a compiler it fails deep inside
-    the first call, so say it up front."""
+    the first call, so say it up front. Asked of the model's device, not of the machine: a model
+    kept on the CPU of a CUDA machine still needs the C++ compiler."""
     import shutil
 
-    if not torch.cuda.is_available() and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if on_cpu and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
         raise UserError("compile=true needs a C++ compiler on a CPU machine (torch.compile builds its "
                         "kernels); install g++ or leave compile=false")
 
 
 def compile_for_inference(model):
     """Compile `model.hidden_states` in place (scoring and decoding); returns the model."""
-    check_available()
+    check_available(model)
     model.hidden_states = torch.compile(model.hidden_states, dynamic=True)
     return model
 
@@ -45,7 +47,7 @@ def compile_for_inference(model):
 def compile_for_training(model, announce=None) -> None:
     """Compile each block of `model` in place, before DDP/FSDP wrap it and before the optimizer.
     `announce(message)`, if given, tells the user why the first step is slow."""
-    check_available()
+    check_available(model)
     if announce is not None:
         announce("compile=true: each block is compiled on its first step (slow), then reused")
     for block in model.blocks:

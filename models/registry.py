@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from harness.cli import UserError
+from harness.cli import UserError, bool_option
 from models.architectures import lookup
 from models.checkpoint import CheckpointError, build_model, load_any, load_weights, read_labels
 from models.download import ensure_file, models_root, sha256_file
@@ -186,8 +186,7 @@ def check_device(device: str, key: str = "model.device") -> torch.device:
 
 def load_lm(name: str, dtype: str = "auto", device: str = "auto", max_batch_tokens: int = 4096,
             progress: bool = True, compile: bool = False) -> TorchLM:
-    if not isinstance(compile, bool):
-        raise UserError(f"model.compile must be true or false, got {compile!r}")
+    bool_option(compile, "model.compile")
     device = resolve_device(device)
     check_device(device)
     dtype = resolve_dtype(dtype, device)

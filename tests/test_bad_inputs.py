@@ -279,9 +279,9 @@ def _cases(w, tmp: Path) -> dict:
                                    ["strategy", "'bogus'", "ddp, fsdp"]),
         "train_compile_not_bool": ("harness.train", ["train=pretrain_tiny", "compile=yes",
                                                      f"output_dir={tmp / 'train_out'}"],
-                                   ["compile must be true or false", "'yes'"]),
+                                   ["compile='yes'", "expected true or false"]),
         "eval_compile_not_bool": ("harness", [*ppl, f"task.path={w.text}", "model.compile=sometimes"],
-                                  ["model.compile must be true or false", "'sometimes'"]),
+                                  ["model.compile='sometimes'", "expected true or false"]),
         "arena_no_runs": ("harness.arena", [f"runs={empty_folder}", f"out_dir={tmp / 'arena'}"],
                           ["no pairwise run folder", "run python -m harness task=pairwise first"]),
     }

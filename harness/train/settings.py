@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from harness.cli import UserError
+from harness.cli import UserError, bool_option
 from harness.train import fsdp
 
 PRECISIONS = ("fp32", "bf16-mixed")
@@ -52,8 +52,7 @@ class TrainSettings:
         if self.precision not in PRECISIONS:
             raise UserError(f"precision must be auto or one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         fsdp.check_strategy(self.strategy)
-        if not isinstance(self.compile, bool):
-            raise UserError(f"compile must be true or false, got {self.compile!r}")
+        bool_option(self.compile, "compile")
         if self.grad_accum < 1 or (self.max_steps is not None and self.max_steps < 1):
             raise UserError("grad_accum and max_steps must be >= 1")
 
