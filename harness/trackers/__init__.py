@@ -131,8 +131,9 @@ def open_trackers(names: Sequence[str], run_dir: str | os.PathLike, run_name: st
             try:
                 adapters[name] = ADAPTERS[name](run_dir, run_name, saved.get(name) if reuse else None, purge)
             except Exception as e:   # at start, any failure is the user's to fix
+                hint = getattr(ADAPTERS[name], "HINT", "")
                 raise UserError(f"logger={name} could not start: {type(e).__name__}: "
-                                f"{' '.join(str(e).split())[:800]}") from e
+                                f"{' '.join(str(e).split())[:500]}{'; ' + hint if hint else ''}") from e
     except UserError:
         Trackers(adapters).close()
         raise

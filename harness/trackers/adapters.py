@@ -73,6 +73,8 @@ def _table_cell(v: Any) -> Any:
 
 
 class WandB:
+    HINT = "log in with `wandb login`, or set WANDB_MODE=offline to log locally and `wandb sync` later"
+
     def __init__(self, run_dir: Path, run_name: str, run_id: str | None, purge_step: int | None):
         import wandb
         self.wandb = wandb
@@ -114,6 +116,10 @@ def _mlflow_key(name: str) -> str:
 
 
 class MLflow:
+    HINT = ("set MLFLOW_TRACKING_URI to a tracking server (http://...) or a local store: sqlite:///<file> "
+            "(needs SQLAlchemy, which the full mlflow package brings), or file:<folder> with "
+            "MLFLOW_ALLOW_FILE_STORE=true (MLflow 3 keeps its file store only on request)")
+
     def __init__(self, run_dir: Path, run_name: str, run_id: str | None, purge_step: int | None):
         import mlflow
         from mlflow import MlflowClient

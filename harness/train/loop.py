@@ -181,7 +181,7 @@ def train(model, loss_fn, train_batches, val_batches, settings: TrainSettings, r
         ts["val_loss"], ts["val_metrics"] = loss, extras or None
         return {"val_loss": loss, **{f"val_{k}": v for k, v in extras.items()}}
 
-    signals, bar, metrics_log = Signals(), None, training_log(run, s.logger if main else (), ts["step"])
+    metrics_log, signals, bar = training_log(run, s.logger if main else (), ts["step"]), Signals(), None
     if main and s.progress:
         from tqdm import tqdm
         bar = tqdm(total=total, initial=ts["step"], unit="step", dynamic_ncols=True, desc=run.id.split("-")[0])
