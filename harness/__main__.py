@@ -55,12 +55,14 @@ def run_job(cfg: DictConfig, run_dir: Path) -> None:
     from harness.evaluate import evaluate, read_state, rows_for, run_dir_lock
     from harness.io import write_json
     from harness.report.store import append_rows, check_appendable
+    from harness.trackers import check_names, log_eval, open_eval
 
     # Everything that needs no model first: a typo costs seconds, not a model load.
     seed = int_option(cfg.seed, "seed")
     chunk_size = int_option(cfg.chunk_size, "chunk_size", minimum=1)
     ngram = int_option(cfg.get("contamination_ngram", DEFAULT_NGRAM) or 0, "contamination_ngram", minimum=0)
     append_again = bool_option(cfg.get("append_again", False), "append_again")
+    loggers = check_names(cfg.get("logger"))   # experiment trackers (harness/trackers): installed?
     board = Path(to_absolute_path(str(cfg.leaderboard)))
     check_appendable(board)
     rank, run_dir = _join_ranks(cfg, run_dir)
@@ -90,7 +92,10 @@ def run_job(cfg: DictConfig, run_dir: Path) -> None:
             log.info("run %s: every sample was scored before and its rows are in %s already; nothing "
                      "appended (append_again=true appends them once more)", result.run_id, board)
             return
-        append_rows(board, rows)
+        # the trackers start first: one that cannot start is an error, and nothing is appended
+        with contextlib.closing(open_eval(loggers, run_dir, rows)) as tracked:
+            append_rows(board, rows)
+            log_eval(tracked, rows, run_dir / "records.jsonl")
         appended[str(board)] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         write_json(run_dir / "run.json", state)
     for r in rows:

@@ -126,6 +126,9 @@ def _cases(w, tmp: Path) -> dict:
     (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04K\x01.")
     truncated_gguf = tmp / "truncated.gguf"
     truncated_gguf.write_bytes(GGUF.read_bytes()[:4096] if GGUF.exists() else b"GGUF\x03\x00\x00\x00junk")
+    no_wandb = tmp / "no_wandb"
+    (no_wandb / "wandb").mkdir(parents=True)
+    (no_wandb / "wandb" / "__init__.py").write_text("raise ImportError(\"No module named 'wandb'\")\n")
     ppl = ["task=perplexity", "model=gpt-tiny", f"leaderboard={w.board}", f"hydra.run.dir={tmp / 'run'}"]
     arc = ["task=arc_easy", "model=gpt-tiny", f"leaderboard={w.board}", f"hydra.run.dir={tmp / 'run'}"]
     not_json = Path(shutil.copytree(w.root / "tiny", tmp / "not_json"))   # the module's, not a new build per case
@@ -282,6 +285,16 @@ def _cases(w, tmp: Path) -> dict:
                                    ["compile='yes'", "expected true or false"]),
         "eval_compile_not_bool": ("harness", [*ppl, f"task.path={w.text}", "model.compile=sometimes"],
                                   ["model.compile='sometimes'", "expected true or false"]),
+        # experiment trackers (harness/trackers): an unknown one, or its library not installed (a `wandb`
+        # package first on the path that fails to import, as a missing one does)
+        "train_unknown_logger": ("harness.train", ["train=pretrain_tiny", "logger=[tensorboard,nope]",
+                                                   f"output_dir={tmp / 'train_out'}"],
+                                 ["unknown logger 'nope'", "valid: tensorboard, wandb, mlflow"]),
+        "eval_unknown_logger": ("harness", eval_args(w, tmp, "logger=nope"), ["logger='nope'", "unknown logger 'nope'"]),
+        "train_logger_not_installed": ("harness.train", ["train=pretrain_tiny", "logger=wandb",
+                                                         f"output_dir={tmp / 'train_out'}"],
+                                       ["logger=wandb needs the wandb package: pip install 'harness[wandb]'"],
+                                       {"env": dict(ENV, PYTHONPATH=os.pathsep.join([str(no_wandb), ENV["PYTHONPATH"]]))}),
         "arena_no_runs": ("harness.arena", [f"runs={empty_folder}", f"out_dir={tmp / 'arena'}"],
                           ["no pairwise run folder", "run python -m harness task=pairwise first"]),
     }
@@ -304,6 +317,7 @@ CASE_NAMES = [
     "pairwise_opponent_unknown_kind", "pairwise_mt_bench_reference", "judge_base_url_not_a_url",
     "judge_server_unreachable", "judge_consistency_temperature_negative", "judge_consistency_temperature_too_high",
     "train_unknown_strategy", "train_compile_not_bool", "eval_compile_not_bool", "arena_no_runs",
+    "train_unknown_logger", "eval_unknown_logger", "train_logger_not_installed",
 ]
 
 

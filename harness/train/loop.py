@@ -16,8 +16,7 @@ train_batches  a batch source: `.per_epoch` (micro-batches per epoch, equal on e
 val_batches    an iterable of batches, re-iterated at every eval (data.EvalBatches), or None.
 settings       TrainSettings (harness/train/settings.py); `settings_from(cfg)` builds it from the Hydra config.
 run            state.check_output(...): the output folder, run id, resolved config, what to resume.
-sample_fn      sample_fn(model) -> str: a generation printed and logged at sample_every steps (rank 0,
-               eval mode).
+sample_fn      sample_fn(model) -> str: a generation printed and logged at sample_every steps (rank 0, eval mode).
 tokenizer, labels, provenance   saved into every checkpoint (provenance.json gains steps and losses).
 count_tokens   batch -> tokens in it, for tokens/s (default: numel of the batch's first tensor).
 
@@ -26,9 +25,9 @@ eval_at_start evaluates once before the first step (a step-0 metrics row; proven
 Optimizer steps: max_steps, or epochs * per_epoch // grad_accum. Schedule: linear warmup, cosine decay
 to lr * min_lr_ratio. AdamW (fused where torch has it) with weight decay on matrices and embeddings
 only. Under torchrun (dist initialized by harness.train.__main__) the loss module runs under
-DistributedDataParallel (strategy=ddp) or sharded with FSDP2 (strategy=fsdp, harness/train/fsdp.py),
-and only rank 0 writes. SIGTERM/SIGINT finish the current step, write
-`last/` and return with result["signal"] set; a second SIGINT aborts at once.
+DistributedDataParallel (strategy=ddp) or sharded with FSDP2 (strategy=fsdp, harness/train/fsdp.py), and
+only rank 0 writes. SIGTERM/SIGINT finish the current step, write `last/` and return with
+result["signal"] set; a second SIGINT aborts at once.
 """
 from __future__ import annotations
 
@@ -45,6 +44,7 @@ import torch.distributed as dist
 
 import harness
 from harness.cli import UserError
+from harness.trackers import training_log
 from harness.train import fsdp
 from harness.train import state as st
 from harness.train.common import (LossModule, Signals, first_numel, lr_factor, make_optimizer, rank_world, report,
@@ -181,8 +181,7 @@ def train(model, loss_fn, train_batches, val_batches, settings: TrainSettings, r
         ts["val_loss"], ts["val_metrics"] = loss, extras or None
         return {"val_loss": loss, **{f"val_{k}": v for k, v in extras.items()}}
 
-    signals = Signals()
-    bar = None
+    metrics_log, signals, bar = training_log(run, s.logger if main else (), ts["step"]), Signals(), None
     if main and s.progress:
         from tqdm import tqdm
         bar = tqdm(total=total, initial=ts["step"], unit="step", dynamic_ncols=True, desc=run.id.split("-")[0])
@@ -190,7 +189,7 @@ def train(model, loss_fn, train_batches, val_batches, settings: TrainSettings, r
         before = eval_row()
         ts["val_before"] = {k.removeprefix("val_"): v for k, v in before.items()}
         if main:
-            st.append_metrics(out, {"step": 0, **before})
+            metrics_log.append({"step": 0, **before})
             (bar.write if bar else print)("before training: " + ", ".join(
                 f"{k} {v:.4f}" for k, v in before.items() if v is not None))
     model.train()
@@ -264,7 +263,7 @@ def train(model, loss_fn, train_batches, val_batches, settings: TrainSettings, r
                             row["sample"] = sample_fn(model)
                             model.train()
                 if main:
-                    st.append_metrics(out, {**row, "tokens_seen": ts["tokens"]})
+                    metrics_log.append({**row, "tokens_seen": ts["tokens"]})
                     report(bar, row, do_eval, step)
             if bar:
                 bar.update(1)
@@ -290,6 +289,7 @@ def train(model, loss_fn, train_batches, val_batches, settings: TrainSettings, r
                      ts["train_loss"] or float("nan"), "n/a" if ts["val_loss"] is None else f"{ts['val_loss']:.4f}", out)
     finally:
         signals.restore()
+        metrics_log.close()   # after an exception: the tracker runs end as failed
         if bar:
             bar.close()
     if world > 1:

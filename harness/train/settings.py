@@ -14,6 +14,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from harness.cli import UserError, bool_option
+from harness.trackers import check_names
 from harness.train import fsdp
 
 PRECISIONS = ("fp32", "bf16-mixed")
@@ -45,6 +46,7 @@ class TrainSettings:
     strategy: str = "ddp"               # ddp | fsdp (under torchrun; one process trains plainly either way)
     activation_checkpointing: bool = False   # recompute each block's activations in backward
     compile: bool = False               # torch.compile each block (models/compile.py)
+    logger: tuple[str, ...] = ()        # experiment trackers (harness/trackers): tensorboard, wandb, mlflow
 
     def __post_init__(self):
         from models.registry import resolve_precision
@@ -53,6 +55,7 @@ class TrainSettings:
             raise UserError(f"precision must be auto or one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         fsdp.check_strategy(self.strategy)
         bool_option(self.compile, "compile")
+        self.logger = check_names(self.logger)   # a tracker's library missing: one line before any work
         if self.grad_accum < 1 or (self.max_steps is not None and self.max_steps < 1):
             raise UserError("grad_accum and max_steps must be >= 1")
 

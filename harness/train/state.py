@@ -31,7 +31,7 @@ RUN_FILE, LAST, STATE_FILE, METRICS = "run.json", "last", "trainer_state.pt", "m
 TMP = ".tmp-"
 log = logging.getLogger("harness.train")
 # Keys that do not change what a run computes: they may differ between a run and its resumption.
-OPERATIONAL_KEYS = ("resume", "overwrite", "stop_at_step", "progress")
+OPERATIONAL_KEYS = ("resume", "overwrite", "stop_at_step", "progress", "logger")
 # Keys added after runs were already being made, with the value such a run had: an older run folder
 # lacks them and must still resume when they are left at that value.
 ADDED_KEYS = {"strategy": "ddp", "activation_checkpointing": False, "compile": False}
