@@ -99,11 +99,12 @@ class InstructTask:
                                                     stop=stop, temperature=0.0, seed=self.seed)]
         items = [(judge_input(s.data), s.data["output"], r) for s, r in zip(samples, responses)]
         grades = self.judge.grade_many(items)
+        judge_prompts = [self.judge.render(i) for i in items]   # the messages sent, kept for the viewer
         # The sampled second pass (judge.self_consistency): kept beside the first, never averaged in.
         seconds = self.judge.grade_many(items, second=True) if self.judge.self_consistency else [None] * len(items)
         records = []
-        for s, p, r, g, g2 in zip(samples, prompts, responses, grades, seconds):
-            extra = {"prompt": p, "prompt_style": style, "judge_reply": g.raw,
+        for s, p, r, g, g2, jp in zip(samples, prompts, responses, grades, seconds, judge_prompts):
+            extra = {"prompt": p, "prompt_style": style, "judge_prompt": jp, "judge_reply": g.raw,
                      "judge_prompt_hash": g.prompt_hash, "parse": g.parse, "error": g.error,
                      "cached": g.cached, "retry": bool(g.transient or (g2 is not None and g2.transient)),
                      "judge_model": self.judge.model, "judge_digest": digest}

@@ -94,7 +94,9 @@ def score_choices(lm: LM, samples: list[Sample]) -> list[Record]:
         records.append(Record(
             sample_id=s.id, prompt_hash=text_hash(d["context"], *d["continuations"]),
             prediction=d["labels"][pred], target=d["labels"][d["gold"]], scores=scores,
-            extra={**d.get("extra", {}), "loglikelihoods": mine},
+            # prompt and choices: what the viewer (harness.view) shows; the sample's data stays in its id
+            extra={**d.get("extra", {}), "loglikelihoods": mine, "prompt": d["context"],
+                   "choices": d["continuations"]},
         ))
     return records
 
