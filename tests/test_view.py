@@ -23,6 +23,8 @@ from clitools import ENV, run_module
 from fake_servers import FakeOllama
 from test_judge import chat_body
 
+from harness.records import load_records
+
 MMLU_SUBSET = ["task=mmlu", "task.subjects=[abstract_algebra]", "task.limit=12"]
 MMLU_MODELS = ("smollm2-135m-instruct", "gpt-tiny")     # run in this order: the comparison is a before b
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -37,7 +39,9 @@ def judge_reply(n: int) -> str:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """One object per line (split on newlines only: generated text may hold U+2028, which
+    str.splitlines would also split on)."""
+    return [json.loads(line) for line in path.read_text().split("\n") if line.strip()]
 
 
 # ----------------------------------------------------------------------------- the site and the browser
@@ -78,8 +82,8 @@ def site(tmp_path_factory):
 
     return SimpleNamespace(
         dir=site_dir, board=board, mmlu={m: run_id(f) for m, f in mmlu.items()}, judged=run_id(judged),
-        records={m: read_jsonl(f / "records.jsonl") for m, f in mmlu.items()},
-        judged_records=read_jsonl(judged / "records.jsonl"),
+        records={m: load_records(f / "records.jsonl") for m, f in mmlu.items()},
+        judged_records=load_records(judged / "records.jsonl"),
         metrics=read_jsonl(trained / "metrics.jsonl"),
         provenance=json.loads((trained / "provenance.json").read_text()),
         shots=tmp_path_factory.mktemp("screenshots"))
@@ -267,13 +271,13 @@ def test_run_page_lists_every_sample_once(page, site):
     expect_count(page, len(records))
     show_all(page)
     ids = shown_ids(page)
-    assert sorted(ids) == sorted(r["sample_id"] for r in records) and len(set(ids)) == len(ids)
+    assert sorted(ids) == sorted(r.sample_id for r in records) and len(set(ids)) == len(ids)
     assert f"of {len(records)}" in page.locator("#page-info").inner_text()
     for r in records:
-        row = page.locator(f'table#samples tbody tr[data-sample-id="{r["sample_id"]}"]')
-        assert row.locator("svg.ll-bars rect").count() == len(r["extra"]["choices"]), r["sample_id"]
-        assert r["target"] in row.locator("td.target").inner_text()
-        assert r["prediction"] in row.locator("td.prediction").inner_text()
+        row = page.locator(f'table#samples tbody tr[data-sample-id="{r.sample_id}"]')
+        assert row.locator("svg.ll-bars rect").count() == len(r.extra["choices"]), r.sample_id
+        assert r.target in row.locator("td.target").inner_text()
+        assert r.prediction in row.locator("td.prediction").inner_text()
 
 
 def test_run_page_filters_and_search(page, site):
@@ -281,7 +285,7 @@ def test_run_page_filters_and_search(page, site):
     open_page(page, site, f"runs/{site.mmlu['smollm2-135m-instruct']}.html")
     show_all(page)
     for choice, acc in (("incorrect", 0.0), ("correct", 1.0)):
-        expected = sorted(r["sample_id"] for r in records if r["scores"]["acc"] == acc)
+        expected = sorted(r.sample_id for r in records if r.scores["acc"] == acc)
         assert expected, f"the run set has no {choice} sample to check"
         page.locator("select#sample-filter").select_option(choice)
         expect_count(page, len(expected))
@@ -290,12 +294,12 @@ def test_run_page_filters_and_search(page, site):
     page.locator("select#sample-filter").select_option("all")
 
     def matching(term: str) -> list[str]:
-        return sorted(r["sample_id"] for r in records
+        return sorted(r.sample_id for r in records
                       if any(term.lower() in str(v).lower()
-                             for v in (r["sample_id"], r["extra"]["prompt"], r["prediction"], r["target"])))
+                             for v in (r.sample_id, r.extra["prompt"], r.prediction, r.target)))
 
     word = "sqrt"                                                    # a word in some prompts, not all
-    for term in (word, records[3]["sample_id"].split("/")[-1]):     # prompt text; one sample's id
+    for term in (word, records[3].sample_id.split("/")[-1]):     # prompt text; one sample's id
         expected = matching(term)
         assert 0 < len(expected) < len(records), term
         page.locator("input#sample-search").fill(term)
@@ -311,13 +315,13 @@ def test_judged_run_shows_the_raw_judge_reply(page, site):
     show_all(page)
     expect_count(page, len(records))
     for r in records:
-        reply = r["extra"]["judge_reply"]
+        reply = r.extra["judge_reply"]
         assert reply.startswith("Score: ")                         # the scripted judge's words, stored raw
-        details = page.locator(f'table#samples tbody tr[data-sample-id="{r["sample_id"]}"] details.judge')
+        details = page.locator(f'table#samples tbody tr[data-sample-id="{r.sample_id}"] details.judge')
         if details.get_attribute("open") is None:
             details.locator("summary").click()                      # a person opens it to read it
         assert details.get_attribute("open") is not None
-        assert reply in details.inner_text(), r["sample_id"]
+        assert reply in details.inner_text(), r.sample_id
     screenshot(page, site, "run_judged")
     # A 0-100 judge score is not right or wrong: those filters are absent or disabled.
     for choice in ("correct", "incorrect"):
@@ -329,8 +333,8 @@ def test_judged_run_shows_the_raw_judge_reply(page, site):
 
 def test_comparison_lists_exactly_the_discordant_samples(page, site):
     a, b = (site.mmlu[m] for m in MMLU_MODELS)
-    before, after = ({r["sample_id"]: r for r in site.records[m]} for m in MMLU_MODELS)
-    discordant = sorted(i for i in before if before[i]["scores"]["acc"] != after[i]["scores"]["acc"])
+    before, after = ({r.sample_id: r for r in site.records[m]} for m in MMLU_MODELS)
+    discordant = sorted(i for i in before if before[i].scores["acc"] != after[i].scores["acc"])
     assert discordant, "the two runs agree everywhere: nothing to check"
     open_page(page, site, f"runs/{a}.html")
     assert link_targets(page, site, "#compare-with a") == [f"compare/{a}__{b}.html"]
@@ -342,7 +346,7 @@ def test_comparison_lists_exactly_the_discordant_samples(page, site):
     assert sorted(ids) == discordant and len(ids) == len(set(ids))
     for i in discordant:
         text = page.locator(f'table#discordant tbody tr[data-sample-id="{i}"]').inner_text()
-        assert before[i]["prediction"] in text and after[i]["prediction"] in text
+        assert before[i].prediction in text and after[i].prediction in text
     assert attr_list(page, "svg#subject-diff rect[data-subject]", "data-subject") == ["abstract_algebra"]
 
 
