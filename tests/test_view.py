@@ -82,6 +82,7 @@ def site(tmp_path_factory):
 
     return SimpleNamespace(
         dir=site_dir, board=board, mmlu={m: run_id(f) for m, f in mmlu.items()}, judged=run_id(judged),
+        leaderboard_rows={f.name: json.loads((f / "metrics.json").read_text()) for f in (*mmlu.values(), judged)},
         records={m: load_records(f / "records.jsonl") for m, f in mmlu.items()},
         judged_records=load_records(judged / "records.jsonl"),
         metrics=read_jsonl(trained / "metrics.jsonl"),
@@ -137,6 +138,7 @@ def open_page(page, site, path: str):
 
 def screenshot(page, site, name: str) -> Path:
     path = site.shots / f"{name}.png"
+    page.evaluate("() => window.scrollTo(0, 0)")     # else sticky table headers land mid-page in the shot
     page.screenshot(path=str(path), full_page=True)
     print(f"screenshot: {path}")
     return path
@@ -261,13 +263,25 @@ def show_all(page):
     page.locator("select#page-size").select_option("500")
 
 
+def assert_metrics_table(page, rows: list[dict]):
+    """One row per metric of the run's metrics.json (a task's `<metric>_ci95_low/high` rows are
+    that metric's interval, not metrics of their own), each showing its n."""
+    from harness.report.render import CI_COMPANIONS
+    metrics = [r for r in rows if not r["metric"].endswith(CI_COMPANIONS)]
+    names = [t.strip() for t in page.locator("table#metrics tbody tr > :first-child").all_inner_texts()]
+    assert sorted(names) == sorted(r["metric"] for r in metrics)
+    for r in metrics:
+        cells = page.locator("table#metrics tbody tr").nth(names.index(r["metric"])).inner_text()
+        assert str(r["n"]) in cells, (r["metric"], cells)
+
+
 def test_run_page_lists_every_sample_once(page, site):
     records = site.records["smollm2-135m-instruct"]
     open_page(page, site, f"runs/{site.mmlu['smollm2-135m-instruct']}.html")
     screenshot(page, site, "run_mmlu")
     meta = page.locator("#run-meta").inner_text()
     assert "smollm2-135m-instruct" in meta and "mmlu" in meta
-    assert "acc" in page.locator("table#metrics").inner_text()
+    assert_metrics_table(page, site.leaderboard_rows["smollm2-135m-instruct"])
     expect_count(page, len(records))
     show_all(page)
     ids = shown_ids(page)
@@ -312,6 +326,7 @@ def test_run_page_filters_and_search(page, site):
 def test_judged_run_shows_the_raw_judge_reply(page, site):
     records = site.judged_records
     open_page(page, site, f"runs/{site.judged}.html")
+    assert_metrics_table(page, site.leaderboard_rows["judged"])
     show_all(page)
     expect_count(page, len(records))
     for r in records:
