@@ -7,7 +7,7 @@ with discordant samples), one instruct run scored by a scripted judge (fake_serv
 one short training run. What each page should show is computed here from the files the engine wrote
 (records.jsonl, metrics.jsonl, the leaderboard CSV through harness.report.render), never from the
 viewer's own data scripts. Selectors follow the DOM contract the viewer keeps stable (see
-harness/view.py). Every page must stay on file:// (no CDN, no fetch) and log no console error.
+harness/report/site.py). Every page must stay on file:// (no CDN, no fetch) and log no console error.
 Screenshots land under the session's tmp dir; their paths are printed (`pytest -s`)."""
 from __future__ import annotations
 
