@@ -176,11 +176,16 @@ def write_site(site: dict, folder: Path) -> None:
         (folder / "train" / f"{name}.html").write_bytes(page(f"Training {train_id}", "train", f"train-{name}.js", 1))
 
 
-def replace_atomically(site: dict, out_dir: Path) -> Path:
-    """Build into a temporary sibling of out_dir, then swap it in; returns out_dir/index.html."""
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse, before reading any run, an out_dir the swap would destroy: a file, or a folder of
+    something else (out_dir=results would take the leaderboard with it)."""
     if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / MARKER).is_file())):
         raise ViewError(f"out_dir={out_dir} exists and is not a site written by harness.view; pass another "
                         "out_dir (it would be replaced whole)")
+
+
+def replace_atomically(site: dict, out_dir: Path) -> Path:
+    """Build into a temporary sibling of out_dir, then swap it in; returns out_dir/index.html."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     fresh = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.new-", dir=out_dir.parent))
     try:
@@ -197,6 +202,7 @@ def replace_atomically(site: dict, out_dir: Path) -> Path:
 
 
 def build(leaderboard: str | os.PathLike, runs: list[str] | None, out_dir: str | os.PathLike) -> Path:
+    check_out_dir(Path(out_dir))
     folders = find_runs(runs)
     board = Path(leaderboard)
     if not folders and not board.is_file():
