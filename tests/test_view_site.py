@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from clitools import run_module
+
 from harness.report import site
 from harness.report.compare import compare, format_report, load_run
 from harness.report.store import append_rows
@@ -107,9 +107,9 @@ def test_runs_of_other_tasks_or_samples_are_not_paired(tmp_path):
 
 def test_leaderboard_cells_are_the_markdown_cells_and_link_to_runs_in_the_site(two_runs, tmp_path):
     board = tmp_path / "lb.csv"
-    rows = [dict(time=f"2026-01-0{k}T00:00:00+00:00", run_id=run_id, model=model, checkpoint_sha="abc", task="mmlu",
-                 task_version="v1", num_fewshot=0, metric="acc", value=value, stderr=0.05, n=60, n_unscored=0,
-                 dtype="float32", split="test", contamination=contamination)
+    rows = [{"time": f"2026-01-0{k}T00:00:00+00:00", "run_id": run_id, "model": model, "checkpoint_sha": "abc",
+             "task": "mmlu", "task_version": "v1", "num_fewshot": 0, "metric": "acc", "value": value, "stderr": 0.05,
+             "n": 60, "n_unscored": 0, "dtype": "float32", "split": "test", "contamination": contamination}
             for k, (run_id, model, value, contamination) in enumerate([
                 ("20260101T000000Z-aaaaaa", "model-a", 0.5, ""), ("20260102T000000Z-bbbbbb", "model-b", 0.25, "0.2"),
                 ("elsewhere-run", "model-c", 0.75, "")], start=1)]
@@ -119,7 +119,7 @@ def test_leaderboard_cells_are_the_markdown_cells_and_link_to_runs_in_the_site(t
     assert lb["columns"] == ["mmlu/acc"] and [r["model"] for r in lb["rows"]] == ["model-a", "model-b", "model-c"]
     cells = [r["cells"][0] for r in lb["rows"]]
     assert [c["text"] for c in cells] == ["50.0 ± 5.0", "25.0 ± 5.0 †", "75.0 ± 5.0"]
-    assert [c["linked"] for c in cells] == [True, True, False]
+    assert [c["page"] for c in cells] == ["20260101T000000Z-aaaaaa", "20260102T000000Z-bbbbbb", None]
     assert "† the model may have seen this test data" in lb["notes"] and "model-b on mmlu: 20.0%" in lb["notes"]
 
 

@@ -15,7 +15,6 @@ import html
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 from itertools import combinations
@@ -24,6 +23,7 @@ from pathlib import Path
 from harness.cli import UserError
 from harness.report import site_data
 from harness.report.compare import CompareError, load_run
+from harness.report.site_data import page_name
 
 log = logging.getLogger("harness.view")
 ASSETS = Path(__file__).parent / "assets"
@@ -71,11 +71,6 @@ def find_runs(patterns: list[str] | None) -> list[Path]:
 
 
 # --- what goes into the site -----------------------------------------------------------------------
-
-def _safe(name: str) -> str:
-    """A run id as a file name (ids are '<stamp>-<hex>' already; anything odd becomes '_')."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", name) or "_"
-
 
 def collect(leaderboard: Path, folders: list[Path]) -> dict:
     """Read every run and the leaderboard; build the comparisons. Raises ViewError when nothing is found."""
@@ -138,7 +133,7 @@ def page(title: str, kind: str, data: str, depth: int) -> bytes:
 
 def _summary(run: dict) -> dict:
     primary = next((m for m in run["metrics"] if m["metric"] == run["primary"]), None)
-    return {"id": run["run_id"], "model": run["key"].get("model"), "task": run["key"].get("task"),
+    return {"id": run["run_id"], "page": page_name(run["run_id"]), "model": run["key"].get("model"), "task": run["key"].get("task"),
             "metric": run["primary"], "value": primary and primary["value"], "n": len(run["samples"])}
 
 
@@ -150,27 +145,27 @@ def write_site(site: dict, folder: Path) -> None:
     (folder / MARKER).write_text("written by python -m harness.view; replaced whole on the next build\n")
     pairs = {c["a"] + "__" + c["b"]: c for c in site["comparisons"]}
     index = {"leaderboard": site["leaderboard"], "runs": [_summary(r) for r in site["evals"].values()],
-             "comparisons": [{"page": _safe(p), "a": c["a"], "b": c["b"], "model_a": c["model_a"],
+             "comparisons": [{"page": page_name(p), "a": c["a"], "b": c["b"], "model_a": c["model_a"],
                               "model_b": c["model_b"], "task": c["task"]} for p, c in pairs.items()],
-             "trainings": [{"page": _safe(t["id"]), "id": t["id"], "recipe": t["meta"].get("recipe")}
+             "trainings": [{"page": page_name(t["id"]), "id": t["id"], "recipe": t["meta"].get("recipe")}
                            for t in site["trainings"].values()]}
     (folder / "data" / "index.js").write_bytes(data_script(index))
     (folder / "index.html").write_bytes(page("Leaderboard", "index", "index.js", 0))
     for run_id, run in site["evals"].items():
-        name = _safe(run_id)
+        name = page_name(run_id)
         data = {k: v for k, v in run.items() if k != "records"}
-        data["compare_with"] = [{"page": _safe(p), "other": c["b"] if c["a"] == run_id else c["a"]}
+        data["compare_with"] = [{"page": page_name(p), "other": c["b"] if c["a"] == run_id else c["a"]}
                                 for p, c in pairs.items() if run_id in (c["a"], c["b"])]
         (folder / "data" / f"run-{name}.js").write_bytes(data_script(data))
         (folder / "runs" / f"{name}.html").write_bytes(page(f"Run {run_id}", "run", f"run-{name}.js", 1))
     for pair, c in pairs.items():
-        name = _safe(pair)
+        name = page_name(pair)
         (folder / "data" / f"compare-{name}.js").write_bytes(data_script(c))
         (folder / "compare" / f"{name}.html").write_bytes(page(f"{c['a']} vs {c['b']}", "compare",
                                                                f"compare-{name}.js", 1))
     for train_id, train in site["trainings"].items():
-        name = _safe(train_id)
-        train = {**train, "lineage": [{**s, "page": _safe(s["id"]) if s["id"] in site["trainings"] else None}
+        name = page_name(train_id)
+        train = {**train, "lineage": [{**s, "page": page_name(s["id"]) if s["id"] in site["trainings"] else None}
                                       for s in train["lineage"]]}
         (folder / "data" / f"train-{name}.js").write_bytes(data_script(train))
         (folder / "train" / f"{name}.html").write_bytes(page(f"Training {train_id}", "train", f"train-{name}.js", 1))

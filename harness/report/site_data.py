@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 from harness.provenance import lineage, short_id, step_files
@@ -35,6 +36,11 @@ def is_training_run(folder: Path) -> bool:
     return all((folder / f).is_file() for f in TRAIN_FILES)
 
 
+def page_name(run_id: str) -> str:
+    """A run id as a file name (ids are '<stamp>-<hex>' already; anything odd becomes '_')."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", run_id) or "_"
+
+
 def read_json_or_empty(path: Path):
     """A JSON file the engine wrote, or {} when it is absent or cut short: the page shows less."""
     try:
@@ -56,7 +62,7 @@ def leaderboard(path: Path, site_runs: set[str]) -> dict:
             cell = table.cells.get((model, column.label))
             cells.append(None if cell is None else {
                 "text": render.format_cell(cell, column, table.interval), "value": cell.value,
-                "run": cell.run_id, "linked": cell.run_id in site_runs})
+                "run": cell.run_id, "page": page_name(cell.run_id) if cell.run_id in site_runs else None})
         rows.append({"model": model, "info": [table.info[model][k] or "—" for k in info], "cells": cells})
     markdown = render.to_markdown(table)
     notes = markdown.split("\n\n", 1)[1] if "\n\n" in markdown else ""   # what follows the table
@@ -142,6 +148,7 @@ def common_prompt_prefixes(rows: list[dict]) -> list[str]:
     prefixes = []
     for members in groups.values():
         shared = os.path.commonprefix([m["prompt"] for m in members]) if len(members) > 1 else ""
+        shared = shared[:shared.rfind("\n") + 1]            # whole lines: the sample's own part starts a line
         if len(shared) < 64:
             continue
         prefixes.append(shared)
@@ -214,7 +221,8 @@ def comparison(a: Run, b: Run, run_a: dict, run_b: dict) -> dict:
     subjects_a, subjects_b = subject_scores(run_a["records"], metric), subject_scores(run_b["records"], metric)
     subjects = [{"subject": s, "a": subjects_a[s], "b": subjects_b[s], "diff": subjects_a[s] - subjects_b[s]}
                 for s in subjects_a if s in subjects_b]
-    return {"a": run_a["run_id"], "b": run_b["run_id"], "model_a": result["a"]["model"],
+    return {"a": run_a["run_id"], "b": run_b["run_id"], "page_a": page_name(run_a["run_id"]),
+            "page_b": page_name(run_b["run_id"]), "model_a": result["a"]["model"],
             "model_b": result["b"]["model"], "task": result["task"], "metric": metric,
             "report": format_report(result), "discordant": discordant, "subjects": subjects}
 

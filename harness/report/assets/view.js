@@ -54,13 +54,13 @@
   function llBars(row) {
     const W = 220, bar = 12, gap = 3, label = 70, H = row.ll.length * (bar + gap);
     const svg = el("svg:svg", { class: "ll-bars", width: W, height: H, viewBox: `0 0 ${W} ${H}` });
-    const lo = Math.min(...row.ll), hi = Math.max(...row.ll);
-    row.ll.forEach((v, i) => {
-      const width = 4 + (W - label - 8) * (hi > lo ? (v - lo) / (hi - lo) : 1);
+    const hi = Math.max(...row.ll), odds = row.ll.map((v) => Math.exp(v - hi)), total = odds.reduce((a, b) => a + b, 0);
+    row.ll.forEach((v, i) => {   // bar length: the choice's share of the probability the choices got
+      const width = 1 + (W - label - 8) * odds[i] / total;
       const cls = ["bar", i === row.pred_index ? "pred" : "", i === row.target_index ? "gold" : ""].join(" ").trim();
       const r = el("svg:rect", { x: label, y: i * (bar + gap), width: width.toFixed(1), height: bar, class: cls,
         "data-choice": i });
-      r.append(el("svg:title", { text: `${row.choices[i]}: ${v.toFixed(3)}` }));
+      r.append(el("svg:title", { text: `${row.choices[i]}: log-likelihood ${v.toFixed(3)}, ${(100 * odds[i] / total).toFixed(1)}% of the choices' probability` }));
       svg.append(r, el("svg:text", { x: label - 4, y: i * (bar + gap) + bar - 2, "text-anchor": "end",
         text: `${String(row.choices[i]).trim().slice(0, 9)} ${v.toFixed(1)}` }));
     });
@@ -76,7 +76,7 @@
       const tr = el("tr", { "data-model": r.model }, el("th", { scope: "row", text: r.model }),
         ...r.info.map((v) => el("td", { class: "info", text: v })));
       r.cells.forEach((c) => tr.append(!c ? el("td", { class: "num", text: "—" }) :
-        el("td", { class: "num", "data-run": c.run }, c.linked ? link(`runs/${c.run}.html`, c.text) : c.text)));
+        el("td", { class: "num", "data-run": c.run }, c.page ? link(`runs/${c.page}.html`, c.text) : c.text)));
       return { tr, keys: [r.model, ...r.info, ...r.cells.map((c) => (c ? c.value : null))] };
     });
     const ths = headers.map((h, i) => el("th", { "data-column": h, scope: "col", tabindex: 0, text: h,
@@ -117,7 +117,7 @@
     if (D.leaderboard) main.append(section("Leaderboard", ...leaderboardTable(D.leaderboard), notes(D.leaderboard.notes)));
     else main.append(section("Leaderboard", el("p", { text: "No leaderboard CSV was found; the runs follow." })));
     main.append(section("Eval runs", el("ul", { id: "runs" }, ...D.runs.map((r) => el("li", {},
-      link(`runs/${r.id}.html`, r.id), ` ${r.model || "?"} · ${r.task || "?"} · ${r.metric || ""} ${fmt(r.value)} · ${fmt(r.n)} samples`)))));
+      link(`runs/${r.page}.html`, r.id), ` ${r.model || "?"} · ${r.task || "?"} · ${r.metric || ""} ${fmt(r.value)} · ${fmt(r.n)} samples`)))));
     main.append(section("Comparisons", el("ul", { id: "comparisons" }, ...D.comparisons.map((c) => el("li", {},
       link(`compare/${c.page}.html`, `${c.model_a} vs ${c.model_b}`), ` ${c.task} · ${c.a} → ${c.b}`)))));
     main.append(section("Training runs", el("ul", { id: "trainings" }, ...D.trainings.map((t) => el("li", {},
@@ -147,13 +147,22 @@
         el("td", { class: "num", text: m.low != null ? `[${fmt(m.low)}, ${fmt(m.high)}]` : "—" }),
         el("td", { class: "num", text: fmt(m.n) }), el("td", { class: "num", text: fmt(m.n_unscored) })))))));
     main.append(section("Compared with", el("ul", { id: "compare-with" }, ...D.compare_with.map((c) =>
-      el("li", {}, link(`compare/${c.page}.html`, `vs ${c.other}`))))));
+      el("li", {}, link(`compare/${c.page}.html`, `vs ${c.other}`)))),
+      D.compare_with.length ? null : el("p", { text: "No other run in the site scored these samples." })));
     main.append(samples());
   }
 
   function samples() {
     const all = D.samples, prefixes = D.prefixes || [], primary = D.primary;
     const prompt = (s) => s.prompt === undefined ? "" : (s.prefix !== undefined ? prefixes[s.prefix] : "") + s.prompt;
+    const promptCell = (s) => {   // the shared few-shot context folded away, the sample's own part shown
+      const cell = el("td", { class: "prompt" });
+      if (s.prefix !== undefined) cell.append(el("details", { class: "context" },
+        el("summary", { text: `shared context (${prefixes[s.prefix].length.toLocaleString("en-US")} characters)` }),
+        el("pre", { text: prefixes[s.prefix] })));
+      cell.append(el("pre", { text: s.prompt === undefined ? "(not recorded)" : s.prompt }));
+      return cell;
+    };
     const unscored = (s) => Object.values(s.scores).every((v) => v === null);
     const tests = { all: () => true, unscored, correct: (s) => s.scores[primary] === 1, incorrect: (s) => s.scores[primary] === 0 };
     let haystacks = null;   // lower-cased searchable text, built on the first search only
@@ -189,9 +198,6 @@
       next.disabled = page >= pages - 1;
     }
     function sampleRow(s) {
-      const text = prompt(s);
-      const promptCell = el("td", { class: "prompt" }, text.length > 400 ?
-        el("details", {}, el("summary", { text: "…" + text.slice(-300) }), el("pre", { text })) : el("pre", { text }));
       const pred = el("td", { class: "prediction" }, el("pre", { text: show(s.prediction) }));
       if (s.ll) pred.append(llBars(s));
       if (s.judge) pred.append(el("details", { class: "judge" }, el("summary", { text: "judge" }),
@@ -200,7 +206,7 @@
       const scores = el("td", { class: "scores" }, ...Object.entries(s.scores).map(([k, v]) => el("div", { text: `${k}: ${fmt(v)}` })));
       if (s.more) scores.append(el("details", {}, el("summary", { text: "more" }), el("pre", { text: JSON.stringify(s.more, null, 1) })));
       const state = unscored(s) ? "unscored" : (D.binary ? (s.scores[primary] === 1 ? "correct" : "incorrect") : "");
-      return el("tr", { "data-sample-id": s.id, class: state }, el("td", { class: "id", text: s.id }), promptCell,
+      return el("tr", { "data-sample-id": s.id, class: state }, el("td", { class: "id", text: s.id }), promptCell(s),
         el("td", { class: "target" }, el("pre", { text: show(s.target) })), pred, scores);
     }
     search.addEventListener("input", apply);
@@ -232,8 +238,8 @@
   }
 
   function comparePage() {
-    main.append(section("Comparison", el("p", {}, "a: ", link(`runs/${D.a}.html`, `${D.model_a} (${D.a})`), " · b: ",
-      link(`runs/${D.b}.html`, `${D.model_b} (${D.b})`)), el("pre", { id: "compare-report", text: D.report })));
+    main.append(section("Comparison", el("p", {}, "a: ", link(`runs/${D.page_a}.html`, `${D.model_a} (${D.a})`), " · b: ",
+      link(`runs/${D.page_b}.html`, `${D.model_b} (${D.b})`)), el("pre", { id: "compare-report", text: D.report })));
     if (D.subjects.length) main.append(section(`Per-subject ${D.metric}, a − b (points)`, subjectChart(D.subjects)));
     main.append(section(`Discordant samples (${D.discordant.length})`, el("table", { id: "discordant" },
       el("thead", {}, el("tr", {}, ...["sample", "target", `a: ${D.model_a}`, `b: ${D.model_b}`].map((h) => el("th", { text: h })))),
