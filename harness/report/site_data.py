@@ -20,7 +20,6 @@ from harness.records import load_records
 from harness.report import render
 from harness.report.compare import AUTO_ORDER, Run, _value, compare, format_report
 from harness.report.stats import normal_ci
-from harness.train.state import read_metrics
 
 EVAL_FILES, TRAIN_FILES = ("run.json", "records.jsonl"), ("provenance.json", "metrics.jsonl")
 # extra keys a sample row shows in its own cells; the rest go into its "more" details as they are
@@ -149,7 +148,7 @@ def common_prompt_prefixes(rows: list[dict]) -> list[str]:
     for members in groups.values():
         shared = os.path.commonprefix([m["prompt"] for m in members]) if len(members) > 1 else ""
         shared = shared[:shared.rfind("\n") + 1]            # whole lines: the sample's own part starts a line
-        if len(shared) < 64:
+        if len(shared) < 200:   # a one-line description reads better inline
             continue
         prefixes.append(shared)
         for m in members:
@@ -183,7 +182,7 @@ def metric_rows(folder: Path) -> list[dict]:
         if (low is None or high is None) and stderr is not None and value is not None:
             low, high = normal_ci(value, stderr)
         out.append({"metric": name, "value": value, "stderr": stderr, "low": low, "high": high,
-                    "n": r.get("n"), "n_unscored": r.get("n_unscored"), "wall_s": r.get("wall_s")})
+                    "n": r.get("n"), "n_unscored": r.get("n_unscored")})
     return out
 
 
@@ -231,6 +230,8 @@ def comparison(a: Run, b: Run, run_a: dict, run_b: dict) -> dict:
 
 def training_run(folder: Path) -> dict:
     """A training page: metrics.jsonl curves, provenance (recipe, config, data files, lineage)."""
+    from harness.train.state import read_metrics   # imports torch: only when a training run is shown
+
     provenance = read_json_or_empty(folder / "provenance.json")
     provenance = provenance if isinstance(provenance, dict) else {}
     chain = lineage(provenance)

@@ -140,12 +140,12 @@
     if (D.config) meta.append(el("dt", { text: "config" }), el("dd", {}, el("details", {},
       el("summary", { text: ".hydra/config.yaml" }), el("pre", { text: D.config }))));
     main.append(section("Run", meta));
-    main.append(section("Metrics", el("table", { id: "metrics" },
+    main.append(section("Metrics", el("div", { class: "scroll tall" }, el("table", { id: "metrics" },
       el("thead", {}, el("tr", {}, ...["metric", "value", "stderr", "95% interval", "n", "n_unscored"].map((h) => el("th", { text: h })))),
       el("tbody", {}, ...D.metrics.map((m) => el("tr", { "data-metric": m.metric }, el("td", { text: m.metric }),
         el("td", { class: "num", text: fmt(m.value) }), el("td", { class: "num", text: fmt(m.stderr) }),
         el("td", { class: "num", text: m.low != null ? `[${fmt(m.low)}, ${fmt(m.high)}]` : "—" }),
-        el("td", { class: "num", text: fmt(m.n) }), el("td", { class: "num", text: fmt(m.n_unscored) })))))));
+        el("td", { class: "num", text: fmt(m.n) }), el("td", { class: "num", text: fmt(m.n_unscored) }))))))));
     main.append(section("Compared with", el("ul", { id: "compare-with" }, ...D.compare_with.map((c) =>
       el("li", {}, link(`compare/${c.page}.html`, `vs ${c.other}`)))),
       D.compare_with.length ? null : el("p", { text: "No other run in the site scored these samples." })));
