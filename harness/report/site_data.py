@@ -223,6 +223,7 @@ def comparison(a: Run, b: Run, run_a: dict, run_b: dict) -> dict:
     return {"a": run_a["run_id"], "b": run_b["run_id"], "page_a": page_name(run_a["run_id"]),
             "page_b": page_name(run_b["run_id"]), "model_a": result["a"]["model"],
             "model_b": result["b"]["model"], "task": result["task"], "metric": metric,
+            "binary": result["test"] == "mcnemar_exact",
             "report": format_report(result), "discordant": discordant, "subjects": subjects}
 
 
@@ -230,7 +231,8 @@ def comparison(a: Run, b: Run, run_a: dict, run_b: dict) -> dict:
 
 def training_run(folder: Path) -> dict:
     """A training page: metrics.jsonl curves, provenance (recipe, config, data files, lineage)."""
-    from harness.train.state import read_metrics   # imports torch: only when a training run is shown
+    # imported here: harness.train.state imports torch, which only a training page needs
+    from harness.train.state import read_metrics
 
     provenance = read_json_or_empty(folder / "provenance.json")
     provenance = provenance if isinstance(provenance, dict) else {}

@@ -149,6 +149,10 @@
     main.append(section("Compared with", el("ul", { id: "compare-with" }, ...D.compare_with.map((c) =>
       el("li", {}, link(`compare/${c.page}.html`, `vs ${c.other}`)))),
       D.compare_with.length ? null : el("p", { text: "No other run in the site scored these samples." })));
+    const subjects = Object.entries(D.subjects);
+    if (subjects.length) main.append(section(`Per-subject ${D.primary}${D.binary ? " (%)" : ""}`, el("div", { class: "scroll tall" },
+      subjectChart("subject-scores", subjects.map(([subject, value]) => ({ subject, value, title: `${subject}: ${fmt(value)}` })),
+        false, D.binary ? 100 : 1, D.binary ? 1 : null))));
     main.append(samples());
   }
 
@@ -220,27 +224,32 @@
   }
 
   // --- comparison page ---------------------------------------------------------------------------
-  function subjectChart(subjects) {
-    const bar = 14, gap = 3, W = 640, label = 220, mid = label + (W - label) / 2;
-    const svg = el("svg:svg", { id: "subject-diff", width: W, height: subjects.length * (bar + gap) + 20 });
-    const most = Math.max(...subjects.map((s) => Math.abs(s.diff)), 1e-9);
-    subjects.forEach((s, i) => {
-      const w = ((W - label) / 2 - 40) * Math.abs(s.diff) / most, y = i * (bar + gap);
-      const r = el("svg:rect", { "data-subject": s.subject, x: (s.diff < 0 ? mid - w : mid).toFixed(1), y, height: bar,
-        width: Math.max(w, 1).toFixed(1), class: s.diff < 0 ? "neg" : "pos" });
-      r.append(el("svg:title", { text: `${s.subject}: a ${fmt(s.a)}, b ${fmt(s.b)}, a − b ${fmt(s.diff)}` }));
-      svg.append(r, el("svg:text", { x: label - 6, y: y + bar - 3, "text-anchor": "end", text: s.subject }),
-        el("svg:text", { x: s.diff < 0 ? mid - w - 4 : mid + w + 4, y: y + bar - 3, "text-anchor": s.diff < 0 ? "end" : "start",
-          text: (s.diff >= 0 ? "+" : "") + (100 * s.diff).toFixed(1) }));
+  // One bar per subject: accuracy on a run page, a − b (centred on 0) on a comparison page.
+  function subjectChart(id, rows, signed, scale, full) {   // full: the value of a whole-width bar (default: the largest)
+    const bar = 14, gap = 3, W = 640, label = 220, room = W - label - 50;
+    const zero = signed ? label + room / 2 + 25 : label;
+    const svg = el("svg:svg", { id, width: W, height: rows.length * (bar + gap) + 4 });
+    const most = full || Math.max(...rows.map((r) => Math.abs(r.value)), 1e-9);
+    rows.forEach((r, i) => {
+      const w = (signed ? room / 2 : room) * Math.abs(r.value) / most, y = i * (bar + gap), neg = r.value < 0;
+      const rect = el("svg:rect", { "data-subject": r.subject, x: (neg ? zero - w : zero).toFixed(1), y, height: bar,
+        width: Math.max(w, 1).toFixed(1), class: signed ? (neg ? "neg" : "pos") : "plain" });
+      rect.append(el("svg:title", { text: r.title }));
+      const text = (signed && r.value >= 0 ? "+" : "") + (scale * r.value).toFixed(1);
+      svg.append(rect, el("svg:text", { x: label - 6, y: y + bar - 3, "text-anchor": "end", text: r.subject }),
+        el("svg:text", { x: neg ? zero - w - 4 : zero + w + 4, y: y + bar - 3, "text-anchor": neg ? "end" : "start", text }));
     });
-    svg.append(el("svg:line", { x1: mid, x2: mid, y1: 0, y2: subjects.length * (bar + gap), class: "axis" }));
+    svg.append(el("svg:line", { x1: zero, x2: zero, y1: 0, y2: rows.length * (bar + gap), class: "axis" }));
     return svg;
   }
 
   function comparePage() {
     main.append(section("Comparison", el("p", {}, "a: ", link(`runs/${D.page_a}.html`, `${D.model_a} (${D.a})`), " · b: ",
       link(`runs/${D.page_b}.html`, `${D.model_b} (${D.b})`)), el("pre", { id: "compare-report", text: D.report })));
-    if (D.subjects.length) main.append(section(`Per-subject ${D.metric}, a − b (points)`, subjectChart(D.subjects)));
+    const scale = D.binary ? 100 : 1;
+    if (D.subjects.length) main.append(section(`Per-subject ${D.metric}, a − b${D.binary ? " (points)" : ""}`,
+      subjectChart("subject-diff", D.subjects.map((s) => ({ subject: s.subject, value: s.diff,
+        title: `${s.subject}: a ${fmt(s.a)}, b ${fmt(s.b)}, a − b ${fmt(s.diff)}` })), true, scale)));
     main.append(section(`Discordant samples (${D.discordant.length})`, el("table", { id: "discordant" },
       el("thead", {}, el("tr", {}, ...["sample", "target", `a: ${D.model_a}`, `b: ${D.model_b}`].map((h) => el("th", { text: h })))),
       el("tbody", {}, ...D.discordant.map((d) => el("tr", { "data-sample-id": d.id }, el("td", { text: d.id }),
