@@ -201,7 +201,7 @@ def build(leaderboard: str | os.PathLike, runs: list[str] | None, out_dir: str |
     folders = find_runs(runs)
     board = Path(leaderboard)
     if not folders and not board.is_file():
-        searched = ", ".join(runs) if runs is not None else " and ".join(f"{r}/" for r in DEFAULT_RUN_ROOTS)
+        searched = (", ".join(runs) or "runs=[]") if runs is not None else " and ".join(f"{r}/" for r in DEFAULT_RUN_ROOTS)
         raise ViewError(f"nothing to show: no leaderboard at {board} and no run folders in {searched}; run "
                         "`python -m harness task=...` first, or pass leaderboard=<csv> / runs=[<run folders>]")
     return replace_atomically(collect(board, folders), Path(out_dir))

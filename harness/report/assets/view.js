@@ -204,7 +204,9 @@
     function sampleRow(s) {
       const pred = el("td", { class: "prediction" }, el("pre", { text: show(s.prediction) }));
       if (s.ll) pred.append(llBars(s));
-      if (s.judge) pred.append(el("details", { class: "judge" }, el("summary", { text: "judge" }),
+      const said = s.judge && s.judge.replies.length ? s.judge.replies[0].replace(/\s+/g, " ") : "";
+      if (s.judge) pred.append(el("details", { class: "judge" },
+        el("summary", { text: `judge: ${said.length > 60 ? said.slice(0, 60) + "…" : said || "(no reply)"}` }),
         el("h4", { text: "judge prompt" }), el("pre", { class: "judge-prompt", text: s.judge.prompt || "(not recorded)" }),
         el("h4", { text: "judge reply" }), ...s.judge.replies.map((r) => el("pre", { class: "judge-reply", text: r }))));
       const scores = el("td", { class: "scores" }, ...Object.entries(s.scores).map(([k, v]) => el("div", { text: `${k}: ${fmt(v)}` })));
