@@ -65,9 +65,7 @@ def leaderboard(path: Path, site_runs: set[str]) -> dict:
         rows.append({"model": model, "info": [table.info[model][k] or "—" for k in info], "cells": cells})
     markdown = render.to_markdown(table)
     notes = markdown.split("\n\n", 1)[1] if "\n\n" in markdown else ""   # what follows the table
-    return {"path": str(path), "info": info, "columns": [c.label for c in table.columns],
-            "lower_is_better": [render.lower_is_better(c.metric) for c in table.columns],
-            "rows": rows, "notes": notes}
+    return {"path": str(path), "info": info, "columns": [c.label for c in table.columns], "rows": rows, "notes": notes}
 
 
 # --- eval runs -----------------------------------------------------------------------------------
@@ -120,7 +118,9 @@ def sample_row(r) -> dict:
     if isinstance(extra.get("logprobs"), dict):          # sms_spam: {label: log-likelihood}
         row["choices"], lls = list(extra["logprobs"]), list(extra["logprobs"].values())
     if isinstance(lls, list):
-        choices = extra.get("choices") or row.get("choices") or [chr(65 + i) if i < 26 else str(i) for i in range(len(lls))]
+        choices = extra.get("choices") or row.get("choices") or []
+        if len(choices) != len(lls):                      # older records: no choices; name them A, B, ...
+            choices = [chr(65 + i) if i < 26 else str(i) for i in range(len(lls))]
         row.update(choices=[str(c) for c in choices], ll=lls, pred_index=_choice_index(r.prediction, choices),
                    target_index=_choice_index(r.target, choices))
     judge = [extra[k] for k in ("judge_reply", "judge_reply_2") if extra.get(k) is not None]

@@ -114,7 +114,8 @@
   }
 
   function index() {
-    if (D.leaderboard) main.append(section("Leaderboard", ...leaderboardTable(D.leaderboard), notes(D.leaderboard.notes)));
+    if (D.leaderboard) main.append(section("Leaderboard", el("p", { class: "source", text: `from ${D.leaderboard.path}` }),
+      ...leaderboardTable(D.leaderboard), notes(D.leaderboard.notes)));
     else main.append(section("Leaderboard", el("p", { text: "No leaderboard CSV was found; the runs follow." })));
     main.append(section("Eval runs", el("ul", { id: "runs" }, ...D.runs.map((r) => el("li", {},
       link(`runs/${r.page}.html`, r.id), ` ${r.model || "?"} · ${r.task || "?"} · ${r.metric || ""} ${fmt(r.value)} · ${fmt(r.n)} samples`)))));
