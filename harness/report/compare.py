@@ -50,7 +50,7 @@ class CompareError(UserError):
 class Run:
     path: Path
     key: dict                    # run.json's key: task, task_version, model, checkpoint_sha, ...
-    scores: dict[str, dict]      # sample id -> that sample's scores (the first record, as the engine uses)
+    scores: dict[str, dict]      # sample id -> that sample's scores (its newest record, as the engine counts)
     data: dict[str, str]         # sample id -> data_hash of that record
     prompts: dict[str, str]      # sample id -> prompt_hash (differs between prompt variants)
     settings: dict               # the run's task config (.hydra/config.yaml `task`), {} when absent
@@ -99,10 +99,9 @@ def load_run(path: str | Path, which: str) -> Run:
     scores: dict[str, dict] = {}
     data: dict[str, str] = {}
     prompts: dict[str, str] = {}
-    for r in load_records(records_path):
-        if r.sample_id not in scores:
-            scores[r.sample_id] = r.scores or {}
-            data[r.sample_id], prompts[r.sample_id] = data_hash(r), r.prompt_hash
+    for r in load_records(records_path):   # a rescored sample's newest record counts, as in the engine
+        scores[r.sample_id] = r.scores or {}
+        data[r.sample_id], prompts[r.sample_id] = data_hash(r), r.prompt_hash
     if not scores:
         raise CompareError(f"{which}={path}: records.jsonl holds no records")
     return Run(folder, key, scores, data, prompts, _task_settings(folder))

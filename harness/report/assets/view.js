@@ -27,6 +27,9 @@
   const link = (href, text) => el("a", { href: ROOT + href, text });
 
   // --- charts ------------------------------------------------------------------------------------
+  // Four significant digits: a learning rate of 1e-5 must not print as 0.000.
+  const axisLabel = (y) => (y === 0 ? "0" : Number(y.toPrecision(4)).toString());
+
   function lineChart(id, series, title) {
     const names = Object.keys(series).filter((k) => series[k].length);
     const W = 640, H = 240, P = 40;
@@ -39,8 +42,8 @@
     const sy = (y) => H - P - (H - 2 * P) * (y1 > y0 ? (y - y0) / (y1 - y0) : 0.5);
     svg.append(el("svg:line", { x1: P, y1: H - P, x2: W - P, y2: H - P, class: "axis" }),
       el("svg:line", { x1: P, y1: P, x2: P, y2: H - P, class: "axis" }),
-      el("svg:text", { x: P - 4, y: P + 4, "text-anchor": "end", text: fmt(y1, 3) }),
-      el("svg:text", { x: P - 4, y: H - P, "text-anchor": "end", text: fmt(y0, 3) }),
+      el("svg:text", { x: P - 4, y: P + 4, "text-anchor": "end", text: axisLabel(y1) }),
+      el("svg:text", { x: P - 4, y: H - P, "text-anchor": "end", text: axisLabel(y0) }),
       el("svg:text", { x: P, y: H - P + 16, text: `step ${x0}` }),
       el("svg:text", { x: W - P, y: H - P + 16, "text-anchor": "end", text: `${x1}` }));
     names.forEach((n, i) => {
