@@ -19,8 +19,9 @@ def completion(content: str) -> bytes:
 
 
 def judge_at(url, tmp_path, model="m", **kw):
+    kw = {"timeout": 5, **kw}
     return OpenAIJudge(url, model=model, cache_dir=str(tmp_path / "c"), progress=False, retries=1,
-                       backoff_s=0.01, timeout=5, api_key_env=None, **kw)
+                       backoff_s=0.01, api_key_env=None, **kw)
 
 
 def test_grades_retries_and_caches(tmp_path):
@@ -76,7 +77,7 @@ def test_unknown_model_and_bad_address(tmp_path):
 
 def test_real_server_over_v1(ollama_server, tmp_path):
     judge = judge_at(ollama_server.url + "/v1", tmp_path, model=ollama_server.model, style="mt_bench",
-                     num_predict=24, harden=False)
+                     num_predict=24, harden=False, timeout=120)   # a real model on a loaded 2-core machine
     grades = judge.grade_many([ITEM, ("Add 2 and 2.", "4", "5")])
     assert len(grades) == 2 and all(g.raw and not g.transient for g in grades)
     assert all((g.score is None) == (g.error is not None) for g in grades)

@@ -228,7 +228,7 @@ def test_eval_rows_and_records_reach_every_tracker(evaluated, env):
     assert {k: steps[0][k] for k in want} == pytest.approx(want)
     (table_file,) = wandb_runs(evaluated.run)[0].glob("files/media/table/records_*.table.json")
     wtable = json.loads(table_file.read_text())
-    assert wtable["columns"][:3] == ["sample_id", "prediction", "target"] and "acc" in wtable["columns"]
+    assert wtable["columns"][:4] == ["sample_id", "prompt", "prediction", "target"] and "acc" in wtable["columns"]
     assert [row[0] for row in wtable["data"]] == sample_ids
     config = wandb_config(evaluated.run)
     assert config["task"] == "mmlu" and config["model"] == "gpt-tiny" and config["seed"] == 1234
