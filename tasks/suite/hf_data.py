@@ -8,12 +8,12 @@ Neither possible -> one MissingFileError line naming the dataset, what was looke
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from models.download import MissingFileError, data_root, sha256_file
 from tasks.base import TaskError
+from tasks.multiple_choice import read_rows
 
 LOCAL_FORMATS = ("jsonl", "parquet")
 
@@ -33,15 +33,7 @@ def read_local(path: Path) -> list[dict[str, Any]]:
             return pq.read_table(path).to_pylist()
         except Exception as e:  # noqa: BLE001 - pyarrow raises several types for one cause: not parquet
             raise TaskError(f"{path}: cannot read as parquet ({type(e).__name__}: {e})") from None
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise TaskError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-    return rows
+    return [row for _, row in read_rows(path, "jsonl")]
 
 
 def load_split(folder: str, repo: str, name: str | None, revision: str | None,
