@@ -38,7 +38,7 @@ def lm_eval_reference(name: str):
     """lm-eval's own task for `name` over the fixture rows, its few-shot sampler seeded as
     lm_eval.evaluator seeds it (fewshot_random_seed 1234)."""
     lm_eval = pytest.importorskip("lm_eval")
-    from lm_eval.tasks._yaml_loader import load_yaml
+    load_yaml = pytest.importorskip("lm_eval.tasks._yaml_loader", reason="lm-eval 0.4.13's loader").load_yaml
     task = lm_eval_task(load_yaml(Path(lm_eval.__file__).parent / "tasks" / LM_EVAL_YAML[name]), fixture_docs(name))
     task.set_fewshot_seed(1234)
     return task
@@ -135,6 +135,27 @@ def test_loglikelihoods_equal_lm_evals_hf_backend(lm_eval_hf, smollm2_lm, monkey
     gap = max(abs(a - b) for a, b in zip(ours, theirs, strict=True))
     print(f"{len(requests)} requests, largest loglikelihood gap {gap:.2e}")
     assert gap < 1e-4
+
+
+def test_without_a_local_copy_the_hf_dataset_is_loaded_at_the_configured_revision(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    calls = []
+
+    def load_dataset(repo, name=None, revision=None, split=None):
+        calls.append((repo, name, revision, split))
+        return datasets.Dataset.from_list(fixture_docs("winogrande")[split])
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+    monkeypatch.setenv("HARNESS_DATA", str(tmp_path))     # empty: no local copy
+    cfg = OmegaConf.load(ROOT / "conf" / "task" / "winogrande.yaml")
+    cfg.dataset.revision = "0123abc"
+    task = instantiate(cfg, num_fewshot=2)
+    assert calls == [("allenai/winogrande", "winogrande_xl", "0123abc", "validation"),
+                     ("allenai/winogrande", "winogrande_xl", "0123abc", "train")]
+    local = our_task("winogrande", monkeypatch, num_fewshot=2)
+    assert [s.data for s in task.samples()] == [s.data for s in local.samples()]
+    assert task.version != local.version
 
 
 def offline_run(module: str, *args, data: Path) -> subprocess.CompletedProcess:

@@ -8,11 +8,12 @@ Neither possible -> one MissingFileError line naming the dataset, what was looke
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from models.download import MissingFileError, data_root, sha256_file
-from tasks.base import TaskError
+from tasks.base import TaskError, text_hash
 from tasks.multiple_choice import read_rows
 
 LOCAL_FORMATS = ("jsonl", "parquet")
@@ -38,14 +39,20 @@ def read_local(path: Path) -> list[dict[str, Any]]:
 
 def load_split(folder: str, repo: str, name: str | None, revision: str | None,
                split: str) -> tuple[list[dict[str, Any]], str]:
-    """(rows, provenance) where provenance names the exact source: a local file's sha256, or
-    the repo, config and revision (part of the task version: other rows, other scores)."""
+    """(rows, provenance) where provenance names the exact source: a local file's sha256, or the
+    repo, config, revision and a hash of the rows (part of the task version: other rows, other scores)."""
     path = local_split(folder, split)
     if path is not None:
         return read_local(path), f"{path.name}:{sha256_file(path)}"
     source = f"{repo}{'/' + name if name else ''}@{revision or 'main'}"
     try:
         import datasets
+    except ImportError:
+        raise MissingFileError(
+            f"dataset {source} split {split!r}: no {data_root() / folder}/{split}.jsonl (or .parquet), and the "
+            f"`datasets` library that downloads it is not installed; fix: pip install datasets (then run once "
+            f"with internet access), or put the split's rows in the HF schema there") from None
+    try:
         rows = datasets.load_dataset(repo, name, revision=revision, split=split).to_list()
     except Exception as e:  # noqa: BLE001 - offline, bad revision, hub errors: one line for the user
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -54,4 +61,5 @@ def load_split(folder: str, repo: str, name: str | None, revision: str | None,
             f"(or .parquet) and the download failed ({type(e).__name__}: {reason[:200]}); fix: run once "
             f"with internet access (the datasets library caches it), or put the split's rows in the HF "
             f"schema at {data_root() / folder}/{split}.jsonl") from None
-    return rows, source
+    # the rows' own hash too: with no revision pinned, the hub's main may change under the same name
+    return rows, f"{source}:{text_hash(json.dumps(rows, sort_keys=True, default=str))}"
