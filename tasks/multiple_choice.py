@@ -79,8 +79,16 @@ def choice_sample(sample_id: str, template: str, description: str, shots: Sequen
     })
 
 
+def choice_requests(data: dict) -> list[tuple[str, str]]:
+    """(context, continuation) per choice. Usually one context for all; a sample with `contexts`
+    (Winogrande's partial evaluation: each option fills the blank) has one context per choice, and
+    then `context` is only their shared beginning, shown by the viewer."""
+    contexts = data.get("contexts") or [data["context"]] * len(data["continuations"])
+    return list(zip(contexts, data["continuations"]))
+
+
 def score_choices(lm: LM, samples: list[Sample]) -> list[Record]:
-    requests = [(s.data["context"], c) for s in samples for c in s.data["continuations"]]
+    requests = [r for s in samples for r in choice_requests(s.data)]
     lls = lm.loglikelihood(requests) if requests else []
     records, at = [], 0
     for s in samples:
@@ -91,12 +99,14 @@ def score_choices(lm: LM, samples: list[Sample]) -> list[Record]:
         scores = {"acc": float(pred == d["gold"])}
         if d.get("norm_lengths"):
             scores["acc_norm"] = float(first_argmax([ll / n for ll, n in zip(mine, d["norm_lengths"])]) == d["gold"])
+        pairs = choice_requests(d)
+        hashed = [d["context"], *d["continuations"]] if "contexts" not in d else [p for pair in pairs for p in pair]
         records.append(Record(
-            sample_id=s.id, prompt_hash=text_hash(d["context"], *d["continuations"]),
+            sample_id=s.id, prompt_hash=text_hash(*hashed),
             prediction=d["labels"][pred], target=d["labels"][d["gold"]], scores=scores,
             # prompt and choices: what the viewer (harness.view) shows; the sample's data stays in its id
             extra={**d.get("extra", {}), "loglikelihoods": mine, "prompt": d["context"],
-                   "choices": d["continuations"]},
+                   "choices": [ctx[len(d["context"]):] + cont for ctx, cont in pairs]},
         ))
     return records
 
