@@ -46,6 +46,7 @@ def run_module(module: str, *args, cwd: str | os.PathLike = ROOT, env: dict | No
     import torch   # every entry point imports it; one thread, as OMP_NUM_THREADS=1 gives a subprocess
     threads = torch.get_num_threads()
     signals = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    _shield_absl_stream()
     try:
         torch.set_num_threads(int((env or ENV).get("OMP_NUM_THREADS") or threads))
         os.environ.clear()
@@ -91,6 +92,16 @@ def run_module(module: str, *args, cwd: str | os.PathLike = ROOT, env: dict | No
         os.environ.update(environ)
     return subprocess.CompletedProcess([sys.executable, "-m", module, *map(str, args)], status,
                                        out.getvalue(), err.getvalue())
+
+
+def _shield_absl_stream() -> None:
+    """Hydra's logging set-up closes every live handler (logging.config.dictConfig). absl's handler
+    (imported by lm-eval's metrics) then closes its stream unless it is the *current* sys.stderr,
+    which inside run_module it is not: that stream is pytest's capture file, and every later test in
+    the worker would fail. Pointing it at sys.__stderr__, which absl never closes, prevents that."""
+    absl_logging = sys.modules.get("absl.logging")
+    if absl_logging is not None:
+        absl_logging.get_absl_handler().python_handler.stream = sys.__stderr__
 
 
 def _clear_hydra() -> None:
