@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from jinja2 import StrictUndefined, TemplateError
@@ -70,6 +70,16 @@ def render(template: str, row: dict) -> str:
         raise TaskError(f"template {template!r}: {type(e).__name__}: {e}") from None
 
 
+def plain(value: Any) -> Any:
+    """Hydra's DictConfig/ListConfig (or any mapping and sequence) as plain dicts and lists, so the
+    config hashes into `version` and compares as data."""
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return [plain(v) for v in value]
+    return value
+
+
 def sample_shots(pool: list[dict], n: int, eval_doc: dict | None, sampler: str,
                  rng: random.Random) -> list[dict]:
     """lm-eval's samplers (api/samplers.py). `eval_doc` is the document being asked when the shots
@@ -106,13 +116,13 @@ class GenerativeTask:
         self.templates = {"doc_to_text": doc_to_text, "doc_to_target": doc_to_target, "description": description,
                           "target_delimiter": target_delimiter, "fewshot_delimiter": fewshot_delimiter}
         self.sampler, self.fewshot_seed = fewshot_sampler, int(fewshot_seed)
-        self.generation = self._generation(dict(generation_kwargs or {}))
-        self.filter_list, self.metric_list = list(filter_list or []), list(metric_list or [])
+        self.generation = self._generation(plain(generation_kwargs or {}))
+        self.filter_list, self.metric_list = plain(filter_list or []), plain(metric_list or [])
         self.filters, self.metrics_ = build_filters(self.filter_list), build_metrics(self.metric_list)
         self.path = local_path(path)
         data_hashes = [sha256_file(self.path)]
         self.fewshot_path = local_path(fewshot_path) if fewshot_path and self.num_fewshot else None
-        self.fewshot_samples = [dict(s) for s in fewshot_samples or []]
+        self.fewshot_samples = plain(fewshot_samples or [])
         if self.num_fewshot and not (self.fewshot_path or self.fewshot_samples):
             raise TaskError(f"{name}: num_fewshot={self.num_fewshot} needs fewshot_path or fewshot_samples")
         if self.fewshot_path:

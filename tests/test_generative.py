@@ -15,11 +15,13 @@ import json
 import os
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
 os.environ.setdefault("HARNESS_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
 
+from clitools import run_module
 from test_tasks import lm_eval_task, lm_eval_yaml
 
 from tasks import filters
@@ -182,3 +184,139 @@ def test_templates_are_sandboxed_and_strict():
         render("{{missing}}", {"q": 1})
     with pytest.raises(TaskError, match="SecurityError"):
         render("{{ q.__class__.__mro__ }}", {"q": "x"})
+
+
+# --- scoring: records, repeats, failures ---------------------------------------------------------
+
+class ScriptedGeneratorTestDouble:
+    """TEST DOUBLE, not a model: answers each prompt from a script (a list per prompt: one text per
+    call, for repeats), fails on prompts containing FAIL, and remembers every call."""
+    name = "test-double"
+
+    def __init__(self, answer):
+        self.answer, self.calls = answer, []
+
+    def generate(self, prompts, **kwargs):
+        self.calls.append((list(prompts), kwargs))
+        if any("FAIL" in p for p in prompts):
+            raise ConnectionError("backend went away")
+        return [self.answer(p, k) for k, p in enumerate(prompts)]
+
+
+def qa_file(tmp_path, questions):
+    path = tmp_path / "qa.jsonl"
+    path.write_text("".join(json.dumps({"id": f"r{i}", "question": q, "answer": f"#### {i}"}) + "\n"
+                            for i, q in enumerate(questions)))
+    return path
+
+
+def test_records_keep_generations_every_chain_and_unscore_failures(tmp_path):
+    task = our_task("gsm8k", path=str(qa_file(tmp_path, ["one?", "FAIL two?", "three?"])), num_fewshot=0,
+                    id_field="id")
+    lm = ScriptedGeneratorTestDouble(lambda p, k: "It is 1,000 or so.\n#### 0" if "one" in p else "about 2")
+    records = task.score(lm, task.samples())
+    assert lm.calls[0][1] == {"max_new_tokens": 256, "stop": ["Question:", "</s>", "<|im_end|>"],
+                              "temperature": 0.0, "seed": 1234}
+    assert len(lm.calls) == 1 + 3               # the failed batch, then each prompt alone
+    first, failed, third = records
+    assert first.extra["generations"] == ["It is 1,000 or so.\n#### 0"]
+    assert first.extra["filtered"] == {"strict-match": "0", "flexible-extract": "0"}
+    assert first.prediction == "0" and first.target == "#### 0" and first.extra["prompt"] == "Question: one?\nAnswer:"
+    assert first.scores == {"exact_match/strict-match": 1.0, "exact_match/flexible-extract": 1.0}
+    assert failed.scores == {"exact_match/strict-match": None, "exact_match/flexible-extract": None}
+    assert failed.retryable and "ConnectionError: backend went away" in failed.extra["error"]
+    assert third.extra["filtered"] == {"strict-match": "[invalid]", "flexible-extract": "2"}
+    assert third.scores == {"exact_match/strict-match": 0.0, "exact_match/flexible-extract": 1.0}
+    m = task.metrics(records)
+    assert (m["exact_match/flexible-extract"].value, m["exact_match/flexible-extract"].n,
+            m["exact_match/flexible-extract"].n_unscored) == (1.0, 2, 1)
+
+
+def test_repeats_are_generated_together_and_voted(tmp_path):
+    votes = [{"name": "vote", "filter": [{"function": "regex", "regex_pattern": r"(\d+)"},
+                                         {"function": "majority_vote"}, {"function": "take_first"}]}]
+    task = our_task("gsm8k", path=str(qa_file(tmp_path, ["a?", "b?"])), num_fewshot=0, repeats=3,
+                    generation_kwargs={"until": ["\n"], "do_sample": True, "temperature": 0.7, "max_gen_toks": 9},
+                    filter_list=votes, metric_list=[{"metric": "exact_match", "regexes_to_ignore": ["#### "]}])
+    lm = ScriptedGeneratorTestDouble(lambda p, k: ["7", "1", "1", "2", "1", "1"][k])
+    records = task.score(lm, task.samples())
+    assert len(lm.calls) == 1 and len(lm.calls[0][0]) == 6 and lm.calls[0][1]["temperature"] == 0.7
+    assert [r.extra["generations"] for r in records] == [["7", "1", "1"], ["2", "1", "1"]]
+    assert [r.prediction for r in records] == ["1", "1"] and [r.scores["exact_match/vote"] for r in records] == [0.0, 1.0]
+
+
+def test_version_tracks_what_changes_scores(tmp_path):
+    base = our_task("gsm8k")
+    assert base.version == our_task("gsm8k", limit=3).version
+    for change in ({"fewshot_sampler": "first_n"}, {"num_fewshot": 3}, {"doc_to_text": "Q: {{question}}\nA:"},
+                   {"generation_kwargs": {"until": ["Question:"]}}, {"fewshot_seed": 1},
+                   {"metric_list": [{"metric": "exact_match"}]}, {"path": str(qa_file(tmp_path, ["q"]))}):
+        assert our_task("gsm8k", **change).version != base.version, change
+    with pytest.raises(TaskError, match="top_p"):
+        our_task("gsm8k", generation_kwargs={"top_p": 0.9})
+    with pytest.raises(TaskError, match="fewshot_sampler"):
+        our_task("gsm8k", fewshot_sampler="balanced")
+
+
+# --- end to end through python -m harness ------------------------------------------------------------
+
+# The README's example: a new generative benchmark is this one file, in a folder of one's own.
+TINY_QA_YAML = """\
+_target_: tasks.generative.GenerativeTask
+name: tiny_qa
+path: DATA                       # jsonl | json | csv rows; relative paths are under $HARNESS_DATA
+id_field: id
+doc_to_text: "Q: {{question}}\\nA:"
+doc_to_target: answer            # a field name, or a template such as "{{answer.strip()}}"
+num_fewshot: 1
+fewshot_path: DATA
+fewshot_sampler: first_n
+generation_kwargs: {until: ["\\n"], max_gen_toks: 8}
+filter_list:
+  - name: answer
+    filter: [{function: remove_whitespace}, {function: take_first}]
+metric_list:
+  - {metric: exact_match, ignore_case: true, ignore_punctuation: true}
+  - {metric: f1}
+  - {metric: contains, ignore_case: true}
+limit: null                      # first N rows (task.limit=N on the command line)
+"""
+
+
+def harness(*args):
+    return run_module("harness", *args)
+
+
+def test_a_generative_yaml_of_ones_own_runs_end_to_end(tmp_path):
+    data = tmp_path / "tiny_qa.jsonl"
+    data.write_text("".join(json.dumps({"id": f"t{i}", "question": q, "answer": a}) + "\n" for i, (q, a) in
+                            enumerate([("Capital of France?", "Paris"), ("2 + 2?", "4"), ("Colour of snow?", "white"),
+                                       ("Opposite of up?", "down")])))
+    (tmp_path / "mine" / "task").mkdir(parents=True)
+    (tmp_path / "mine" / "task" / "tiny_qa.yaml").write_text(TINY_QA_YAML.replace("DATA", str(data)))
+    board, run = tmp_path / "lb.csv", tmp_path / "run"
+    p = harness("--config-dir", str(tmp_path / "mine"), "task=tiny_qa", "model=gpt-tiny", "task.limit=3",
+                f"leaderboard={board}", f"hydra.run.dir={run}")
+    assert p.returncode == 0, p.stderr
+    rows = pd.read_csv(board)
+    assert dict(zip(rows.metric, rows.n)) == {"exact_match/answer": 3, "f1/answer": 3, "contains/answer": 3}
+    records = [json.loads(line) for line in (run / "records.jsonl").read_text().splitlines()]
+    assert [r["sample_id"] for r in records] == ["t0", "t1", "t2"]
+    assert records[1]["extra"]["prompt"] == "Q: Capital of France?\nA: Paris\n\nQ: 2 + 2?\nA:"
+    assert all(len(r["extra"]["generations"]) == 1 and "answer" in r["extra"]["filtered"] for r in records)
+
+
+def test_gsm8k_from_the_command_line_gives_a_row_per_filter_and_resumes(tmp_path):
+    board, run = tmp_path / "lb.csv", tmp_path / "run"
+    args = ["task=gsm8k", "model=gpt-tiny", "task.limit=3", "task.generation_kwargs.max_gen_toks=8",
+            f"leaderboard={board}", f"hydra.run.dir={run}"]
+    p = harness(*args)
+    assert p.returncode == 0, p.stderr
+    rows = pd.read_csv(board)
+    assert dict(zip(rows.metric, rows.n)) == {"exact_match/strict-match": 3, "exact_match/flexible-extract": 3}
+    assert set(rows.task) == {"gsm8k"} and set(rows.num_fewshot) == {5}
+    records = (run / "records.jsonl").read_bytes()
+    again = harness(*args)
+    assert again.returncode == 0, again.stderr
+    assert "reusing 3 finished records of 3" in again.stdout + again.stderr
+    assert (run / "records.jsonl").read_bytes() == records and pd.read_csv(board).equals(rows)
