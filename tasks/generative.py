@@ -198,7 +198,8 @@ class GenerativeTask:
     # -- scoring -----------------------------------------------------------------------------------
     def generate(self, lm: LM, prompts: list[str]) -> list[list[str] | Exception]:
         """`repeats` generations per prompt in one call (the backend batches them). When that call
-        fails, each prompt is tried alone, so one bad sample costs only its own score."""
+        fails, each prompt is tried alone, so one bad sample costs only its own score. Sampling is
+        seeded with fewshot_seed (lm-eval's seeds are all 1234 too), so a rerun samples the same."""
         g = self.generation
 
         def call(batch: list[str]) -> list[str]:
