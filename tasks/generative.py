@@ -242,3 +242,11 @@ class GenerativeTask:
 
     def metrics(self, records: list[Record]) -> dict[str, Metric]:
         return {k: mean_metric([r.scores.get(k) for r in records]) for k in self.score_keys()}
+
+    def unscored_reason(self, records: list[Record]) -> str | None:
+        """The line the engine prints instead of NaN rows when no sample got a score."""
+        failed = [r for r in records if r.extra.get("error")]
+        if not failed or len(failed) < len(records):
+            return None
+        return (f"no sample was scored: generation failed for all {len(records)} samples "
+                f"(first: {failed[0].extra['error']}); rerun the same hydra.run.dir to retry them")

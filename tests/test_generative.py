@@ -195,6 +195,8 @@ def test_records_keep_generations_every_chain_and_unscore_failures(tmp_path):
     assert failed.retryable and "ConnectionError: backend went away" in failed.extra["error"]
     assert third.extra["filtered"] == {"strict-match": "[invalid]", "flexible-extract": "2"}
     assert third.scores == {"exact_match/strict-match": 0.0, "exact_match/flexible-extract": 1.0}
+    assert task.unscored_reason(records) is None
+    assert "failed for all 1 samples (first: ConnectionError" in task.unscored_reason([failed])
     m = task.metrics(records)
     assert (m["exact_match/flexible-extract"].value, m["exact_match/flexible-extract"].n,
             m["exact_match/flexible-extract"].n_unscored) == (1.0, 2, 1)
