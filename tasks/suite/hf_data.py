@@ -50,7 +50,7 @@ def load_split(folder: str, repo: str, name: str | None, revision: str | None,
     except ImportError:
         raise MissingFileError(
             f"dataset {source} split {split!r}: no {data_root() / folder}/{split}.jsonl (or .parquet), and the "
-            f"`datasets` library that downloads it is not installed; fix: pip install datasets (then run once "
+            f"`datasets` library that downloads it is not installed; fix: pip install 'harness[suite]' (then run once "
             f"with internet access), or put the split's rows in the HF schema there") from None
     try:
         rows = datasets.load_dataset(repo, name, revision=revision, split=split).to_list()
