@@ -45,6 +45,7 @@ from tasks.base import (
     text_hash,
 )
 from tasks.data import local_path
+from tasks.fewshot import sample_shots
 from tasks.filters import build_filters, build_metrics, regex_replace
 from tasks.multiple_choice import mean_metric, read_rows
 
@@ -78,24 +79,6 @@ def plain(value: Any) -> Any:
     if isinstance(value, Sequence) and not isinstance(value, str):
         return [plain(v) for v in value]
     return value
-
-
-def sample_shots(pool: list[dict], n: int, eval_doc: dict | None, sampler: str,
-                 rng: random.Random) -> list[dict]:
-    """lm-eval's samplers (api/samplers.py). `eval_doc` is the document being asked when the shots
-    come from its own file (it is never its own shot), else None. random: `rng` is shared by all
-    documents in order, and the n + 1 draw that leaves room to drop eval_doc is lm-eval's."""
-    if sampler == "first_n":
-        own = [x for x in pool if x != eval_doc] if eval_doc is not None else pool
-        if n > len(own):
-            raise TaskError(f"num_fewshot={n} but only {len(own)} few-shot rows")
-        return own[:n]
-    if eval_doc is None:
-        return rng.sample(pool, n)
-    shots = [x for x in rng.sample(pool, n + 1) if x != eval_doc][:n]
-    if len(shots) < n:   # eval_doc repeated in the pool: lm-eval draws again without any copy of it
-        shots = rng.sample([x for x in pool if x != eval_doc], n)
-    return shots
 
 
 class GenerativeTask:

@@ -30,6 +30,7 @@ from tasks.base import (
     check_limit,
     text_hash,
 )
+from tasks.fewshot import sample_shots
 from tasks.multiple_choice import mean_metric, score_choices
 from tasks.suite.benchmarks import RENDERERS, Doc
 from tasks.suite.hf_data import load_split
@@ -38,18 +39,10 @@ TEMPLATE_VERSION = "suite/lm-eval-0.4/v1"
 
 
 def lm_eval_shots(pool: Sequence[dict], docs: Sequence[dict], n: int, seed: int) -> list[list[dict]]:
-    """lm-eval's ContextSampler.sample(n, eval_doc=doc) for each doc in order, one generator."""
+    """lm-eval's ContextSampler.sample(n, eval_doc=doc) for each doc in order, one generator (a
+    0-shot task never draws from it)."""
     rnd = random.Random(seed)
-    out = []
-    for doc in docs:
-        if n == 0:
-            out.append([])
-            continue
-        shots = [x for x in rnd.sample(list(pool), n + 1) if x != doc][:n]
-        if len(shots) < n:   # the pool held copies of the document: lm-eval draws again without them
-            shots = rnd.sample([x for x in pool if x != doc], n)
-        out.append(shots)
-    return out
+    return [sample_shots(list(pool), n, doc, "random", rnd) if n else [] for doc in docs]
 
 
 def render(docs_shots: Sequence[Doc], doc: Doc) -> tuple[str, list[str], list[str] | None]:
