@@ -23,6 +23,17 @@ def pytest_configure(config):
         config.option.dist = "loadgroup"
 
 
+def pytest_terminal_summary(terminalreporter):
+    """The screenshots the browser tests took (tests/test_view.py), so a person can look at what the
+    tests saw: their paths are printed at the end of every run, quiet or not."""
+    shots = [value for report in terminalreporter.stats.get("passed", []) + terminalreporter.stats.get("failed", [])
+             for key, value in getattr(report, "user_properties", ()) if key == "screenshot"]
+    if shots:
+        terminalreporter.write_sep("-", f"{len(shots)} screenshots of the results viewer")
+        for path in sorted(set(shots)):
+            terminalreporter.write_line(path)
+
+
 def models_dir() -> Path:
     return Path(os.environ.get("HARNESS_MODELS", Path.home() / ".cache/harness/models"))
 

@@ -25,6 +25,8 @@ from test_judge import chat_body
 
 from harness.records import load_records
 
+# One worker builds the run set and starts the browser once (conftest's loadgroup), not every worker.
+pytestmark = pytest.mark.xdist_group("view")
 MMLU_SUBSET = ["task=mmlu", "task.subjects=[abstract_algebra]", "task.limit=12"]
 MMLU_MODELS = ("smollm2-135m-instruct", "gpt-tiny")     # run in this order: the comparison is a before b
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -112,7 +114,7 @@ def browser():
 
 
 @pytest.fixture
-def page(browser, site):
+def page(browser, site, request):
     """A fresh page (own context) per test. Every request it makes is recorded, and any that would
     leave file:// is refused on the spot (no waiting on a network this machine may not have); after
     the test, no such request and no console error or uncaught exception may have happened."""
@@ -124,6 +126,7 @@ def page(browser, site):
     tab.on("console", lambda m: errors.append(f"console.{m.type}: {m.text}") if m.type == "error" else None)
     tab.on("pageerror", lambda e: errors.append(f"uncaught: {e}"))
     tab.set_default_timeout(10_000)
+    tab.test_item = request.node          # screenshot() records its path on the test's report
     yield tab
     context.close()
     assert requests, "the page made no request at all"
@@ -140,7 +143,8 @@ def screenshot(page, site, name: str) -> Path:
     path = site.shots / f"{name}.png"
     page.evaluate("() => window.scrollTo(0, 0)")     # else sticky table headers land mid-page in the shot
     page.screenshot(path=str(path), full_page=True)
-    print(f"screenshot: {path}")
+    # listed at the end of the test run by conftest.pytest_terminal_summary (xdist passes it along)
+    page.test_item.user_properties.append(("screenshot", str(path)))
     return path
 
 
