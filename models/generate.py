@@ -6,6 +6,7 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
+from models.cache import KVCache
 from models.decoder import Model
 
 
@@ -52,39 +53,49 @@ def generate_tokens(
     should_stop: Callable[[int, list[int]], bool] | None = None,
     constraints: Sequence[RowConstraint | None] | None = None,
     on_logits: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+    prefix: KVCache | None = None,
 ) -> list[list[int]]:
     """New tokens for each prompt (EOS excluded). `should_stop(row, tokens)` lets the caller end a
     row early, e.g. on a stop string. `constraints[row]` (None: free) restricts what the row may
     sample to what a grammar allows (models/constrained.py); the row ends when the grammar is
     complete. `on_logits(logits, next_ids)` sees each step's fp32 logits [B, V] (before
     temperature, after any grammar mask) and the ids picked [B], before should_stop: step k of row
-    i made that row's k-th token (harness/serve/scoring.py's log-probs)."""
+    i made that row's k-th token (harness/serve/scoring.py's log-probs).
+
+    `prefix`: a 1-row cache of tokens that come before every prompt (a few-shot block shared by a
+    whole task, computed once by the caller); each row starts from a copy of it, so only the rows'
+    own tokens are prefilled. Greedy rows that finish leave the batch (their cache rows dropped), so
+    one long generation does not keep decoding the others to its length."""
     device = model.tok_emb.weight.device
+    P = prefix.length if prefix is not None else 0
     B, lengths = len(prompts), [len(p) for p in prompts]
     width = max(lengths)
-    max_new_tokens = min(max_new_tokens, model.config.context_length - width)
+    max_new_tokens = min(max_new_tokens, model.config.context_length - P - width)
     if max_new_tokens <= 0:
         return [[] for _ in prompts]
-    cache = model.new_cache(B, width + max_new_tokens)
+    cache = prefix.expand(B, width + max_new_tokens) if prefix is not None else model.new_cache(B, width + max_new_tokens)
     tokens = torch.zeros(B, width, dtype=torch.long)
-    valid = torch.zeros(B, width + max_new_tokens, dtype=torch.bool)
+    valid = torch.zeros(B, P + width + max_new_tokens, dtype=torch.bool)
+    valid[:, :P] = True
     for i, p in enumerate(prompts):  # left padding keeps every row's last prompt token in the same column
         tokens[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        valid[i, width - len(p):] = True
+        valid[i, P + width - len(p): P + width] = True
     tokens, valid = tokens.to(device), valid.to(device)
     padded = min(lengths) != width
     if padded:
-        positions = (valid[:, :width].cumsum(-1) - 1).clamp(min=0)
-        causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
-        mask = causal & valid[:, None, :width]
-        mask |= torch.eye(width, dtype=torch.bool, device=device)  # pad rows attend to themselves: no NaN
+        positions = (valid[:, :P + width].cumsum(-1) - 1)[:, P:].clamp(min=0)
+        causal = torch.ones(width, P + width, dtype=torch.bool, device=device).tril(diagonal=P)
+        mask = causal & valid[:, None, :P + width]
+        mask[:, :, P:] |= torch.eye(width, dtype=torch.bool, device=device)  # pad rows attend to themselves: no NaN
         hidden = model.hidden_states(tokens, cache, positions=positions, attn_mask=mask[:, None])
     else:
         hidden = model.hidden_states(tokens, cache)
     eos = torch.tensor(list(eos_ids), device=device)
     out: list[list[int]] = [[] for _ in prompts]
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    next_pos = torch.tensor(lengths, device=device)[:, None]
+    next_pos = torch.tensor(lengths, device=device)[:, None] + P
+    rows = list(range(B))                  # the original row of each row still in the batch
+    shrink = temperature <= 0 and constraints is None and on_logits is None
     for step in range(max_new_tokens):
         logits = model.logits(hidden[:, -1]).float()
         if constraints is not None:
@@ -95,16 +106,22 @@ def generate_tokens(
         if on_logits is not None:
             on_logits(logits, nxt)
         done |= torch.isin(nxt, eos)
-        for i, t in enumerate(nxt.tolist()):
-            if not done[i]:
+        for r, t in enumerate(nxt.tolist()):
+            i = rows[r]
+            if not done[r]:
                 out[i].append(t)
                 if constraints is not None and constraints[i] is not None and constraints[i].accept(t):
-                    done[i] = True
+                    done[r] = True
                 if should_stop is not None and should_stop(i, out[i]):
-                    done[i] = True
+                    done[r] = True
         if bool(done.all()) or step == max_new_tokens - 1:
             break
-        col = width + step
+        if shrink and bool(done.any()):
+            keep = (~done).nonzero().squeeze(-1)
+            cache.k, cache.v = cache.k[:, keep], cache.v[:, keep]
+            valid, next_pos, nxt, done = valid[keep], next_pos[keep], nxt[keep], done[keep]
+            rows = [rows[r] for r in keep.tolist()]
+        col = P + width + step
         valid[:, col] = True
         if padded:
             hidden = model.hidden_states(nxt[:, None], cache, positions=next_pos + step,
