@@ -291,6 +291,12 @@ def _cases(w, tmp: Path) -> dict:
                                                    f"output_dir={tmp / 'train_out'}"],
                                  ["unknown logger 'nope'", "valid: tensorboard, wandb, mlflow"]),
         "eval_unknown_logger": ("harness", eval_args(w, tmp, "logger=nope"), ["logger='nope'", "unknown logger 'nope'"]),
+        "view_host_not_loopback": ("harness.view", ["host=0.0.0.0", f"out_dir={tmp / 'site'}"],
+                                   ["host=0.0.0.0", "127.0.0.1 only"]),
+        "suite_unknown": ("harness.suite", ["suite=nope", "model=gpt-tiny"], ["suite/nope", "openllm"]),
+        "gsm8k_unknown_fewshot_sampler": ("harness", ["task=gsm8k", "task.fewshot_sampler=sometimes", "task.limit=1",
+                                                      "model=gpt-tiny", *eval_args(w, tmp)[4:]],
+                                          ["fewshot_sampler must be one of first_n, random", "'sometimes'"]),
         "train_logger_not_installed": ("harness.train", ["train=pretrain_tiny", "logger=wandb",
                                                          f"output_dir={tmp / 'train_out'}"],
                                        ["logger=wandb needs the wandb package: pip install 'harness[wandb]'"],
@@ -318,6 +324,7 @@ CASE_NAMES = [
     "judge_server_unreachable", "judge_consistency_temperature_negative", "judge_consistency_temperature_too_high",
     "train_unknown_strategy", "train_compile_not_bool", "eval_compile_not_bool", "arena_no_runs",
     "train_unknown_logger", "eval_unknown_logger", "train_logger_not_installed",
+    "view_host_not_loopback", "suite_unknown", "gsm8k_unknown_fewshot_sampler",
 ]
 
 
