@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness.cli import UserError, bool_option, exit_after, int_option, message, run_cli
 from harness.config import CONF_DIR, instantiate, rewrite_argv
+from harness.report.render import markdown_row
 
 log = logging.getLogger("harness")
 TABLE_FIELDS = ("task", "metric", "num_fewshot", "score", "n", "status", "counts", "reason")
@@ -146,7 +147,7 @@ def write_table(suite_dir: Path, name: str, members: list[Member]) -> str:
         writer.writeheader()
         writer.writerows(rows)
     lines = [f"## Suite {name}", "", "| " + " | ".join(TABLE_FIELDS) + " |", "|" + "---|" * len(TABLE_FIELDS)]
-    lines += ["| " + " | ".join(str(r[k]).replace("|", "\\|") for k in TABLE_FIELDS) + " |" for r in rows]
+    lines += [markdown_row([str(r[k]) for k in TABLE_FIELDS]) for r in rows]
     text = "\n".join(lines) + "\n"
     (suite_dir / "suite.md").write_text(text)
     return text

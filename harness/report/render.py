@@ -262,16 +262,17 @@ def format_cell(cell: Cell | None, column: Column, interval: str) -> str:
     return text
 
 
-def _md_row(cells: list[str]) -> str:
+def markdown_row(cells: list[str]) -> str:
+    """One Markdown table row; a `|` inside a cell is escaped so it cannot split the cell."""
     return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
 
 def to_markdown(table: Table) -> str:
     info = [k for k in INFO if any(table.info[m][k] for m in table.models)]
     header = ["model", *info, *(c.label for c in table.columns)]
-    lines = [_md_row(header), "|" + "|".join(["---"] * (1 + len(info)) + ["---:"] * len(table.columns)) + "|"]
+    lines = [markdown_row(header), "|" + "|".join(["---"] * (1 + len(info)) + ["---:"] * len(table.columns)) + "|"]
     for m in table.models:
-        lines.append(_md_row([m, *(table.info[m][k] or "—" for k in info),
+        lines.append(markdown_row([m, *(table.info[m][k] or "—" for k in info),
                               *(format_cell(table.cells.get((m, c.label)), c, table.interval)
                                 for c in table.columns)]))
     how = "the latest row" if table.select == "latest" else "the best row (↓: lower is better)"
