@@ -92,10 +92,12 @@ def make_hflm(model, tok, batch_size: int):
                 max_length=model.config.max_position_embeddings)
 
 
-def task_samples(task: str, subjects: list[str], num_fewshot: int, limit: int | None):
-    """The samples of conf/task/<task>.yaml, as `python -m harness task=<task>` builds them."""
+def task_samples(task: str, subjects: list[str], num_fewshot: int, limit: int | None, overrides=()):
+    """The samples of conf/task/<task>.yaml, as `python -m harness task=<task> task.KEY=VALUE ...`
+    builds them (`overrides`: KEY=VALUE strings)."""
     cfg = OmegaConf.load(ROOT / "conf/task" / f"{task}.yaml")
     cfg.num_fewshot, cfg.limit = num_fewshot, limit
+    cfg.merge_with_dotlist(list(overrides))
     if "subjects" in cfg:
         cfg.subjects = subjects
     return instantiate(cfg, "task").samples()
@@ -150,6 +152,9 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=80,
                     help="first N test questions (per subject for MMLU; 0: all)")
     ap.add_argument("--fewshot", type=int, nargs="+", default=[0, 5])
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="task config overrides; ARC's shots come from its Train file, which the staged data "
+                         "lacks: --set fewshot_path=arc/ARC-Easy/ARC-Easy-Dev.jsonl fewshot_sampler=first_n")
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
                     choices=["float32", "bfloat16", "float32+compile", "bfloat16+compile"],
                     help="our dtypes (lm-eval always runs fp32, the anchor); +compile: load_lm(compile=True), "
@@ -177,7 +182,7 @@ def main() -> None:
 
     settings = {}
     for k in args.fewshot:
-        samples = task_samples(args.task, subjects, k, limit)
+        samples = task_samples(args.task, subjects, k, limit, args.set)
         reqs = [(s.data["context"], c) for s in samples for c in s.data["continuations"]]
         settings[k] = (samples, reqs)
 

@@ -45,7 +45,9 @@ def _join_ranks(cfg: DictConfig, run_dir: Path) -> tuple[int, Path]:
     return rank, dp.broadcast(run_dir)
 
 
-def run_job(cfg: DictConfig, run_dir: Path) -> None:
+def run_job(cfg: DictConfig, run_dir: Path, task=None, lm=None) -> None:
+    """One evaluation: `cfg.task` on `cfg.model` into `run_dir`. `task` and `lm`, when given, are
+    those configs already built (harness.suite builds each task once and loads the model once)."""
     from datetime import datetime, timezone
 
     from hydra.utils import to_absolute_path
@@ -67,7 +69,7 @@ def run_job(cfg: DictConfig, run_dir: Path) -> None:
     check_appendable(board)
     rank, run_dir = _join_ranks(cfg, run_dir)
     with run_dir_lock(run_dir) if rank == 0 else contextlib.nullcontext():
-        task = instantiate(cfg.task, "task")
+        task = task if task is not None else instantiate(cfg.task, "task")
         judge = getattr(task, "judge", None)
         if judge is not None and not (run_dir / "records.jsonl").exists():
             # A fresh run of a judged task needs its judge for every sample (the reply cache is keyed
@@ -75,7 +77,8 @@ def run_job(cfg: DictConfig, run_dir: Path) -> None:
             # the model loads. A run folder with records may be finished and need no judge at all.
             _ = judge.digest
         # A task that evaluates something other than a model (task=judge_probes: the judge) names it.
-        lm = task.subject() if hasattr(task, "subject") else instantiate(cfg.model, "model")
+        if lm is None:
+            lm = task.subject() if hasattr(task, "subject") else instantiate(cfg.model, "model")
         log.info("task %s (version %s), model %s, run dir %s", task.name, task.version, lm.name, run_dir)
         info = getattr(lm, "info", None) or {}
         run_key = {k: info.get(k, "") for k in ("model", "checkpoint_sha", "dtype", "device")}

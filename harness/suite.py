@@ -43,6 +43,7 @@ class Member:
     reason: str = ""
     score: float | None = None
     n: int | None = None
+    built: object = None         # the task, built once when its data was checked
 
 
 def read_members(cfg: DictConfig) -> list[Member]:
@@ -68,6 +69,8 @@ def member_config(cfg: DictConfig, member: Member) -> DictConfig:
     OmegaConf.set_struct(job, False)
     job.model = cfg.model
     job.task.num_fewshot = member.num_fewshot
+    for key in ("apply_chat_template", "fewshot_as_multiturn"):   # every member's prompts alike
+        job.task[key] = cfg.get(key)
     if cfg.get("limit") is not None:
         job.task.limit = cfg.limit
     for key in ("seed", "leaderboard", "chunk_size"):
@@ -81,7 +84,7 @@ def missing_reason(cfg: DictConfig, member: Member) -> str | None:
     if not (CONF_DIR / "task" / f"{member.task}.yaml").exists():
         return f"no task config conf/task/{member.task}.yaml in this checkout (the task is not installed yet)"
     try:
-        instantiate(member_config(cfg, member).task, "task")
+        member.built = instantiate(member_config(cfg, member).task, "task")
     except UserError as e:
         return message(e)
     return None
@@ -109,15 +112,16 @@ def run_suite(cfg: DictConfig, suite_dir: Path) -> int:
     present = [m for m in members if m.status == "pending"]
     log.info("suite %s: running %d of %d members (%s)", cfg.suite.name, len(present), len(members),
              ", ".join(m.task for m in present) or "none")
+    lm = instantiate(cfg.model, "model") if present else None   # loaded once for every member
     for m in present:
         run_dir = suite_dir / m.task
         try:
-            run_job(member_config(cfg, m), run_dir)
+            run_job(member_config(cfg, m), run_dir, task=m.built, lm=lm)
             read_score(run_dir, m)
         except UserError as e:     # one member's bad luck (a corrupt file, say) leaves the rest to run
             m.status, m.reason = "failed", message(e)
             log.warning("suite member %s failed: %s", m.task, m.reason)
-    table = write_table(suite_dir, str(cfg.suite.name), members)
+    table = write_table(suite_dir, str(cfg.suite.name), members, prompt_format(members))
     print(table, flush=True)
     if not any(m.status == "ran" for m in members):
         raise UserError(f"no member of suite {cfg.suite.name} could run; see the reasons above")
@@ -131,7 +135,16 @@ def average(members: list[Member]) -> tuple[float | None, bool]:
     return (sum(ran) / len(ran) if ran else None), len(ran) < len(counted)
 
 
-def write_table(suite_dir: Path, name: str, members: list[Member]) -> str:
+def prompt_format(members: list[Member]) -> str:
+    """How the members' prompts were shown (plain text or the model's chat template): part of what
+    makes two suite tables comparable, so the table's title says it."""
+    formats = {getattr(m.built, "chat", None) for m in members if m.status == "ran"} - {None}
+    if not formats or not any(f.apply for f in formats):
+        return "plain-text prompts"
+    return "chat template, few-shot as multi-turn" if all(f.multiturn for f in formats) else "chat template"
+
+
+def write_table(suite_dir: Path, name: str, members: list[Member], prompts: str = "plain-text prompts") -> str:
     """suite.csv (one row per member, then the average) and suite.md; returns the Markdown."""
     mean, partial = average(members)
     label = "average (partial: " + ", ".join(m.task for m in members if m.counts and m.status != "ran") + " missing)" \
@@ -146,7 +159,7 @@ def write_table(suite_dir: Path, name: str, members: list[Member]) -> str:
         writer = csv.DictWriter(f, fieldnames=TABLE_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
-    lines = [f"## Suite {name}", "", "| " + " | ".join(TABLE_FIELDS) + " |", "|" + "---|" * len(TABLE_FIELDS)]
+    lines = [f"## Suite {name} ({prompts})", "", "| " + " | ".join(TABLE_FIELDS) + " |", "|" + "---|" * len(TABLE_FIELDS)]
     lines += [markdown_row([str(r[k]) for k in TABLE_FIELDS]) for r in rows]
     text = "\n".join(lines) + "\n"
     (suite_dir / "suite.md").write_text(text)

@@ -40,6 +40,9 @@ ARC_SHA256 = {
     "ARC-Easy/ARC-Easy-Test.jsonl": "ce32a0774b4beb1977d2c6b16dda5dd2b24fdc9c7f506882c452678676bd09be",
     "ARC-Easy/ARC-Easy-Dev.jsonl": "f4364b808a68df6bf500ce1070fb0105d40cacd2391c210deb00ff83ba75d1f4",
 }
+# lm-eval draws ARC's few-shot examples from these; fetched only when a task asks for one (no
+# published sha256 to check them against: the zip's own CRC is the check)
+ARC_TRAIN = ("ARC-Challenge/ARC-Challenge-Train.jsonl", "ARC-Easy/ARC-Easy-Train.jsonl")
 
 
 def mmlu_dir() -> Path:
@@ -86,13 +89,20 @@ def wikitext2_raw(split: str = "test") -> Path:
     return path
 
 
-def arc_dir() -> Path:
-    """`arc/ARC-{Easy,Challenge}/ARC-*-{Test,Dev}.jsonl` from AI2's ARC-V1-Feb2018 zip."""
+def arc_dir(want: Path | None = None) -> Path:
+    """`arc/ARC-{Easy,Challenge}/ARC-*-{Test,Dev}.jsonl` from AI2's ARC-V1-Feb2018 zip, and the
+    `-Train.jsonl` file `want` names when a task asks for one."""
     root = data_root() / "arc"
-    if all((root / rel).exists() for rel in ARC_SHA256):
+    train = [rel for rel in ARC_TRAIN if want == root / rel]
+    needed = [*ARC_SHA256, *train]
+    if all((root / rel).exists() for rel in needed):
         return root
-    how = f"unzip ARC-Easy/ and ARC-Challenge/ of {ARC_URL} into {root}/"
-    _fetch_zip_members(ARC_URL, "AI2 ARC", root, how, {rel: rel for rel in ARC_SHA256}, ARC_SHA256)
+    what, how = "AI2 ARC", f"unzip ARC-Easy/ and ARC-Challenge/ of {ARC_URL} into {root}/"
+    if train:   # the few-shot pool: offline, the Dev rows are the way out (another task version)
+        dev = train[0].replace("-Train.", "-Dev.")
+        what = f"AI2 ARC's {Path(train[0]).name} (lm-eval's few-shot pool)"
+        how += f"; or draw the shots from the Dev rows: task.fewshot_path=arc/{dev} task.fewshot_sampler=first_n"
+    _fetch_zip_members(ARC_URL, what, root, how, {rel: rel for rel in needed}, ARC_SHA256)
     return root
 
 
@@ -108,8 +118,8 @@ def sms_spam_file() -> Path:
     return path
 
 
-FETCHERS = {"mmlu": mmlu_dir, "wikitext2": lambda: wikitext2_raw("test").parent, "arc": arc_dir,
-            "sms_spam": lambda: sms_spam_file().parent}
+FETCHERS = {"mmlu": lambda _want: mmlu_dir(), "wikitext2": lambda _want: wikitext2_raw("test").parent,
+            "arc": arc_dir, "sms_spam": lambda _want: sms_spam_file().parent}   # each gets the file asked for
 
 
 def local_path(path: str | Path) -> Path:
@@ -123,7 +133,7 @@ def local_path(path: str | Path) -> Path:
     else:
         full = data_root() / p
         if not full.exists() and p.parts and p.parts[0] in FETCHERS:
-            FETCHERS[p.parts[0]]()
+            FETCHERS[p.parts[0]](full)
         if not full.exists():
             raise MissingFileError(f"data file {full} not found; put it there (or set HARNESS_DATA)")
     if full.is_dir():

@@ -7,6 +7,8 @@ import random
 
 from tasks.base import TaskError
 
+SAMPLERS = ("first_n", "random")
+
 
 def sample_shots(pool: list[dict], n: int, eval_doc: dict | None, sampler: str,
                  rng: random.Random) -> list[dict]:

@@ -16,7 +16,8 @@ over (conf/task/gsm8k.yaml is its `gsm8k`):
   metric_list: [{metric: exact_match, ignore_case: true}]
 
 The prompt is lm-eval's plain-text fewshot_context: description, then per shot text + target_delimiter
-+ target + fewshot_delimiter, then the question's text. The random sampler replays lm-eval's: ONE
++ target + fewshot_delimiter, then the question's text; with `apply_chat_template: true` the same
+turns go through the model's chat template (tasks/chat.py). The random sampler replays lm-eval's: ONE
 random.Random(fewshot_seed) drawn from for every document in file order, so document k gets the
 shots lm-eval gives it. Records keep the prompt, every generation (repeats) and every chain's
 answer; scores are "<metric>/<filter>" per sample.
@@ -44,13 +45,13 @@ from tasks.base import (
     check_limit,
     text_hash,
 )
+from tasks.chat import ChatFormat, Turn, as_text, qa_turns, render_prompts
 from tasks.data import local_path
-from tasks.fewshot import sample_shots
+from tasks.fewshot import SAMPLERS, sample_shots
 from tasks.filters import build_filters, build_metrics, regex_replace
 from tasks.multiple_choice import mean_metric, read_rows
 
 TEMPLATE_VERSION = "generative/v1"
-SAMPLERS = ("first_n", "random")
 GENERATION_KEYS = {"until", "max_gen_toks", "do_sample", "temperature"}
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,8 @@ class GenerativeTask:
                  fewshot_samples: Sequence[dict] | None = None, fewshot_sampler: str = "random",
                  fewshot_seed: int = 1234, generation_kwargs: dict | None = None, repeats: int = 1,
                  filter_list: Sequence[dict] | None = None, metric_list: Sequence[dict] | None = None,
-                 limit: int | None = None):
+                 limit: int | None = None, apply_chat_template: bool = False,
+                 fewshot_as_multiturn: bool | None = None):
         if fewshot_sampler not in SAMPLERS:
             raise TaskError(f"fewshot_sampler must be one of {', '.join(SAMPLERS)}, not {fewshot_sampler!r}")
         self.name, self.limit = name, check_limit(limit)
@@ -99,6 +101,7 @@ class GenerativeTask:
         self.templates = {"doc_to_text": doc_to_text, "doc_to_target": doc_to_target, "description": description,
                           "target_delimiter": target_delimiter, "fewshot_delimiter": fewshot_delimiter}
         self.sampler, self.fewshot_seed = fewshot_sampler, int(fewshot_seed)
+        self.chat = ChatFormat.from_options(apply_chat_template, fewshot_as_multiturn)
         self.generation = self._generation(plain(generation_kwargs or {}))
         self.filter_list, self.metric_list = plain(filter_list or []), plain(metric_list or [])
         self.filters, self.metrics_ = build_filters(self.filter_list), build_metrics(self.metric_list)
@@ -114,7 +117,8 @@ class GenerativeTask:
                      seed=self.fewshot_seed, shots=self.fewshot_samples if self.num_fewshot else [],
                      generation=self.generation, repeats=self.repeats, filters=self.filter_list,
                      metrics=self.metric_list, fields=[format, self.columns, id_field])
-        self.version = text_hash(TEMPLATE_VERSION, json.dumps(setup, sort_keys=True, default=str), *data_hashes)
+        self.version = text_hash(TEMPLATE_VERSION, json.dumps(setup, sort_keys=True, default=str), *data_hashes,
+                                 *([self.chat.version] if self.chat.apply else []))
 
     def _generation(self, kwargs: dict) -> dict:
         """until / max_gen_toks / temperature, with lm-eval's defaults (256 tokens, greedy unless
@@ -145,16 +149,14 @@ class GenerativeTask:
         except TaskError as e:
             raise TaskError(f"{where}: {key}: {e}") from None
 
-    def prompt(self, row: dict, shots: Sequence[dict], where: str) -> str:
-        """lm-eval's plain-text fewshot_context (no chat template)."""
+    def turns(self, row: dict, shots: Sequence[dict], where: str) -> list[Turn]:
+        """lm-eval's fewshot_context as turns (tasks/chat.py); joined, the plain-text prompt."""
         t = self.templates
-        parts = [render(t["description"], row) if t["description"] else ""]
-        for shot in shots:
-            target = self._render("doc_to_target", shot, f"{where}: a shot")
-            answer = t["target_delimiter"] + target + t["fewshot_delimiter"] if target else ""
-            parts.append(self._render("doc_to_text", shot, f"{where}: a shot") + answer)
-        parts.append(self._render("doc_to_text", row, where))
-        return "".join(parts)
+        description = render(t["description"], row) if t["description"] else ""
+        pairs = [(self._render("doc_to_text", shot, f"{where}: a shot"),
+                  self._render("doc_to_target", shot, f"{where}: a shot")) for shot in shots]
+        return qa_turns(description, pairs, self._render("doc_to_text", row, where),
+                        t["target_delimiter"], t["fewshot_delimiter"])
 
     def samples(self) -> list[Sample]:
         rows = self.rows(self.path)[: self.limit]
@@ -168,14 +170,18 @@ class GenerativeTask:
             where = f"{self.path}:{lineno}"
             shots = sample_shots(pool, self.num_fewshot, row if same_file else None, self.sampler, rng) \
                 if self.num_fewshot else []
-            prompt = self.prompt(row, shots, where)
+            turns = self.turns(row, shots, where)
+            prompt = as_text(turns)
             target = self._render("doc_to_target", row, where)
             sample_id = str(row[self.id_field]) if self.id_field else f"{i:05d}-{text_hash(prompt)[:8]}"
             if sample_id in first_line:
                 raise TaskError(f"{where}: id {sample_id!r} ({self.id_field}) repeats the row on line "
                                 f"{first_line[sample_id]}; ids must be unique (or set id_field: null)")
             first_line[sample_id] = lineno
-            out.append(Sample(sample_id, {"prompt": prompt, "target": target}))
+            data = {"prompt": prompt, "target": target}
+            if self.chat.apply:   # rendered with the scored model's template in score()
+                data["chat"] = {"format": self.chat.version, "messages": self.chat.messages(turns)}
+            out.append(Sample(sample_id, data))
         return out
 
     # -- scoring -----------------------------------------------------------------------------------
@@ -207,11 +213,12 @@ class GenerativeTask:
     def score(self, lm: LM, samples: list[Sample]) -> list[Record]:
         if not samples:
             return []
+        samples = render_prompts(lm, samples, "prompt")
         results = self.generate(lm, [s.data["prompt"] for s in samples])
         records = []
         for s, result in zip(samples, results):
             prompt, gold = s.data["prompt"], s.data["target"]
-            extra: dict[str, Any] = {"prompt": prompt}
+            extra: dict[str, Any] = {**s.data.get("extra", {}), "prompt": prompt}
             if isinstance(result, Exception):
                 extra.update(error=f"{type(result).__name__}: {result}", retry=True)
                 records.append(Record(s.id, text_hash(prompt), None, gold,

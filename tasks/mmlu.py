@@ -20,6 +20,7 @@ from models.protocol import LM
 from models.download import sha256_file
 from harness.cli import choice_option
 from tasks.base import Metric, Record, Sample, TaskError, check_fewshot, check_limit, text_hash
+from tasks.chat import ChatFormat
 from tasks.data import mmlu_dir, mmlu_subjects
 from tasks.multiple_choice import Item, choice_sample, mean_metric, score_choices
 
@@ -52,12 +53,14 @@ class MMLUTask:
     name = "mmlu"
 
     def __init__(self, subjects: str | Sequence[str] | None = None, split: str = "test",
-                 num_fewshot: int = 0, limit: int | None = None, fewshot_shortfall: str = "refuse"):
+                 num_fewshot: int = 0, limit: int | None = None, fewshot_shortfall: str = "refuse",
+                 apply_chat_template: bool = False, fewshot_as_multiturn: bool | None = None):
         if split not in ("dev", "val", "test"):
             raise TaskError(f"MMLU split must be dev, val or test, not {split!r}")
         limit, num_fewshot = check_limit(limit), check_fewshot(num_fewshot)
         self.shortfall = choice_option(fewshot_shortfall, "task.fewshot_shortfall", ("refuse", "allow"))
         self.root, self.split, self.num_fewshot, self.limit = mmlu_dir(), split, num_fewshot, limit
+        self.chat = ChatFormat.from_options(apply_chat_template, fewshot_as_multiturn)
         valid = mmlu_subjects("test")
         if subjects is None:
             subjects = valid
@@ -78,7 +81,8 @@ class MMLUTask:
                 self.num_fewshot = min(have.values())
                 shortfall = "shortfall:" + ",".join(f"{s}={n}" for s, n in sorted(have.items()) if n < self.requested_fewshot)
         self.version = text_hash(TEMPLATE_VERSION, split, str(self.num_fewshot), shortfall,
-                                 *(f"{p.name}:{sha256_file(p)}" for p in files))
+                                 *(f"{p.name}:{sha256_file(p)}" for p in files),
+                                 *([self.chat.version] if self.chat.apply else []))
 
     def _check_fewshot_pools(self) -> dict[str, int]:
         """Shots available per subject. A dev file shorter than num_fewshot would silently give
@@ -106,7 +110,7 @@ class MMLUTask:
                 shots = [s for s in pool if not (self.split == "dev" and s == item)][: self.requested_fewshot]
                 sample_id = f"{subject}/{self.split}/{i:04d}-{text_hash(item.question)[:8]}"
                 short = {"num_fewshot": len(shots)} if len(shots) < self.requested_fewshot else {}
-                out.append(choice_sample(sample_id, "mmlu", description(subject), shots, item,
+                out.append(choice_sample(sample_id, "mmlu", description(subject), shots, item, self.chat,
                                          subject=subject, **short))
         return out
 

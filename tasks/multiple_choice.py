@@ -17,15 +17,19 @@ from __future__ import annotations
 import csv
 import json
 import math
+import random
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from models.protocol import LM
 from models.download import sha256_file
 from tasks.base import Metric, Record, Sample, TaskError, check_fewshot, check_limit, text_hash
+from tasks.chat import ChatFormat, Turn, as_text, qa_turns, render_prompts
 from tasks.data import local_path
+from tasks.fewshot import SAMPLERS, sample_shots
 
 TEMPLATE_VERSION = "multiple_choice/v1"
+PLAIN = ChatFormat()
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
@@ -57,26 +61,36 @@ TEMPLATES = {  # name -> (prompt, answer strings scored after a " " target delim
 }
 
 
+def context_turns(template: str, description: str, shots: Sequence[Item], item: Item) -> list[Turn]:
+    """lm-eval's fewshot_context as turns: description, each shot's prompt and gold answer, the question."""
+    prompt, answers = TEMPLATES[template]
+    return qa_turns(description, [(prompt(s), answers(s)[s.gold]) for s in shots], prompt(item))
+
+
 def build_context(template: str, description: str, shots: Sequence[Item], item: Item) -> str:
     """lm-eval's plain-text fewshot_context: description, then each shot as prompt + " " + its
     gold answer + "\\n\\n", then the question's prompt (no trailing space: it goes with the answer)."""
-    prompt, answers = TEMPLATES[template]
-    shot_text = "".join(f"{prompt(s)} {answers(s)[s.gold]}\n\n" for s in shots)
-    return description + shot_text + prompt(item)
+    return as_text(context_turns(template, description, shots, item))
 
 
 def choice_sample(sample_id: str, template: str, description: str, shots: Sequence[Item],
-                  item: Item, **extra: Any) -> Sample:
+                  item: Item, chat: ChatFormat = PLAIN, **extra: Any) -> Sample:
     answers = TEMPLATES[template][1](item)
-    return Sample(sample_id, {
-        "context": build_context(template, description, shots, item),
-        "continuations": [" " + a for a in answers],
+    turns = context_turns(template, description, shots, item)
+    # under a chat template lm-eval scores the answer right after the assistant header: no " "
+    delimiter = "" if chat.apply else " "
+    data = {
+        "context": as_text(turns),
+        "continuations": [delimiter + a for a in answers],
         "labels": list(item.labels),
         "gold": item.gold,
         # acc_norm divides by the answer's character length (lm-eval); letters would make it == acc
         "norm_lengths": [len(a) for a in answers] if template == "cloze" else None,
         "extra": extra,
-    })
+    }
+    if chat.apply:   # rendered with the scored model's template in score_choices
+        data["chat"] = {"format": chat.version, "messages": chat.messages(turns)}
+    return Sample(sample_id, data)
 
 
 def choice_requests(data: dict) -> list[tuple[str, str]]:
@@ -88,6 +102,7 @@ def choice_requests(data: dict) -> list[tuple[str, str]]:
 
 
 def score_choices(lm: LM, samples: list[Sample]) -> list[Record]:
+    samples = render_prompts(lm, samples, "context", scored_as_text=True)
     requests = [r for s in samples for r in choice_requests(s.data)]
     lls = lm.loglikelihood(requests) if requests else []
     records, at = [], 0
@@ -179,25 +194,34 @@ class MultipleChoiceTask:
                  answer_type: str = "label", labels: str | None = None, description: str = "",
                  fewshot_path: str | None = None, num_fewshot: int = 0, limit: int | None = None,
                  template: str = "mmlu", id_field: str | None = None,
-                 columns: Sequence[str] | None = None):
+                 columns: Sequence[str] | None = None, fewshot_sampler: str = "first_n",
+                 fewshot_seed: int = 1234, apply_chat_template: bool = False,
+                 fewshot_as_multiturn: bool | None = None):
         if template not in TEMPLATES:
             raise TaskError(f"unknown template {template!r}; choose one of {sorted(TEMPLATES)}")
         if answer_type not in ("label", "index", "text"):
             raise TaskError(f"answer_type must be label, index or text, not {answer_type!r}")
         self.name, self.num_fewshot, self.limit = name, check_fewshot(num_fewshot), check_limit(limit)
         self.template, self.description = template, description
+        if fewshot_sampler not in SAMPLERS:
+            raise TaskError(f"fewshot_sampler must be one of {', '.join(SAMPLERS)}, not {fewshot_sampler!r}")
+        self.sampler, self.fewshot_seed = fewshot_sampler, int(fewshot_seed)
+        self.chat = ChatFormat.from_options(apply_chat_template, fewshot_as_multiturn)
         self.fields = dict(question=question, choices=choices if isinstance(choices, str) else list(choices),
                            answer=answer, answer_type=answer_type, labels=labels, id_field=id_field)
         self.format, self.columns = format, list(columns) if columns else None
         self.path = local_path(path)
-        self.fewshot_path = local_path(fewshot_path) if fewshot_path else None
+        self.fewshot_path = local_path(fewshot_path) if fewshot_path and self.num_fewshot else None
         if self.num_fewshot and self.fewshot_path is None:
             raise TaskError(f"{name}: num_fewshot={self.num_fewshot} needs a fewshot_path")
         data_hashes = [sha256_file(self.path)]
         if self.num_fewshot:
             data_hashes.append(sha256_file(self.fewshot_path))
+        # parts that are new since v1 join only when set, so v1 versions (and resumes) stay valid
+        drawn = f"sampler=random:{self.fewshot_seed}" if self.num_fewshot and self.sampler == "random" else ""
         self.version = text_hash(TEMPLATE_VERSION, template, description, str(self.num_fewshot),
-                                 json.dumps(self.fields, sort_keys=True), *data_hashes)
+                                 json.dumps(self.fields, sort_keys=True), *data_hashes,
+                                 *(p for p in (drawn, self.chat.version) if p))
 
     def items(self, path) -> list[Item]:
         out = []
@@ -239,14 +263,17 @@ class MultipleChoiceTask:
         items = self.items(self.path)[: self.limit]
         pool = self.items(self.fewshot_path) if self.num_fewshot else []
         same_file = self.fewshot_path == self.path
+        rng = random.Random(self.fewshot_seed)   # lm-eval's: one generator for all documents in order
         out = []
         for i, item in enumerate(items):
-            # lm-eval's first_n sampler: the first shots in file order, minus the question itself
-            shots = [s for s in pool if not (same_file and s == item)][: self.num_fewshot]
-            if len(shots) < self.num_fewshot:
-                raise TaskError(f"{self.fewshot_path} has fewer than {self.num_fewshot} few-shot rows")
+            # lm-eval's samplers; the question itself is never its own shot
+            try:
+                shots = sample_shots(pool, self.num_fewshot, item if same_file else None, self.sampler, rng) \
+                    if self.num_fewshot else []
+            except (TaskError, ValueError):   # random.sample on a too-small pool raises ValueError
+                raise TaskError(f"{self.fewshot_path} has fewer than {self.num_fewshot} few-shot rows") from None
             sample_id = item.meta["row_id"] or f"{i:05d}-{text_hash(item.question)[:8]}"
-            out.append(choice_sample(sample_id, self.template, self.description, shots, item))
+            out.append(choice_sample(sample_id, self.template, self.description, shots, item, self.chat))
         self._check_unique_ids(out, items)
         return out
 

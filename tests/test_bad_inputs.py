@@ -297,6 +297,12 @@ def _cases(w, tmp: Path) -> dict:
         "gsm8k_unknown_fewshot_sampler": ("harness", ["task=gsm8k", "task.fewshot_sampler=sometimes", "task.limit=1",
                                                       "model=gpt-tiny", *eval_args(w, tmp)[4:]],
                                           ["fewshot_sampler must be one of first_n, random", "'sometimes'"]),
+        "multiturn_without_chat_template": ("harness", ["task=mmlu", "task.fewshot_as_multiturn=true", "model=gpt-tiny",
+                                                        *eval_args(w, tmp)[4:]],
+                                            ["task.fewshot_as_multiturn=true needs task.apply_chat_template=true"]),
+        "chat_template_not_bool": ("harness", ["task=gsm8k", "task.apply_chat_template=yes", "model=gpt-tiny",
+                                               *eval_args(w, tmp)[4:]],
+                                   ["task.apply_chat_template='yes': expected true or false"]),
         "train_logger_not_installed": ("harness.train", ["train=pretrain_tiny", "logger=wandb",
                                                          f"output_dir={tmp / 'train_out'}"],
                                        ["logger=wandb needs the wandb package: pip install 'harness[wandb]'"],
@@ -325,6 +331,7 @@ CASE_NAMES = [
     "train_unknown_strategy", "train_compile_not_bool", "eval_compile_not_bool", "arena_no_runs",
     "train_unknown_logger", "eval_unknown_logger", "train_logger_not_installed",
     "view_host_not_loopback", "suite_unknown", "gsm8k_unknown_fewshot_sampler",
+    "multiturn_without_chat_template", "chat_template_not_bool",
 ]
 
 

@@ -137,6 +137,20 @@ def test_loglikelihoods_equal_lm_evals_hf_backend(lm_eval_hf, smollm2_lm, monkey
     assert gap < 1e-4
 
 
+@pytest.mark.parametrize("name", sorted(LM_EVAL_YAML))
+def test_each_dataset_is_lm_evals_at_a_pinned_hub_commit(name):
+    """The repo and config lm-eval 0.4.13 loads, at a fixed commit (lm-eval reads the hub's main)."""
+    import re
+
+    import yaml
+    lm_eval = pytest.importorskip("lm_eval")
+    load_yaml = pytest.importorskip("lm_eval.tasks._yaml_loader", reason="lm-eval 0.4.13's loader").load_yaml
+    theirs = load_yaml(Path(lm_eval.__file__).parent / "tasks" / LM_EVAL_YAML[name])
+    ours = yaml.safe_load((ROOT / "conf" / "task" / f"{name}.yaml").read_text())["dataset"]
+    assert (ours["repo"], ours["name"]) == (theirs["dataset_path"], theirs.get("dataset_name"))
+    assert re.fullmatch(r"[0-9a-f]{40}", ours["revision"]), ours["revision"]
+
+
 def test_without_a_local_copy_the_hf_dataset_is_loaded_at_the_configured_revision(tmp_path, monkeypatch):
     datasets = pytest.importorskip("datasets")
     calls = []
@@ -185,9 +199,15 @@ def test_openllm_suite_on_fixtures(tmp_path):
     data = tmp_path / "data"
     for folder in ("hellaswag", "truthfulqa", "piqa", "boolq"):
         shutil.copytree(FIXTURES / folder, data / folder)
-    for folder in ("arc", "mmlu", "gsm8k"):
+    for folder in ("mmlu", "gsm8k"):
         if (shared / folder).is_dir():
             (data / folder).symlink_to(shared / folder)
+    # ARC's 25 shots come from its train split, which is not staged: the Dev rows stand in for it
+    arc = data / "arc" / "ARC-Challenge"
+    arc.mkdir(parents=True)
+    for split in ("Test", "Dev"):
+        (arc / f"ARC-Challenge-{split}.jsonl").symlink_to(shared / "arc" / "ARC-Challenge" / f"ARC-Challenge-{split}.jsonl")
+    shutil.copy(arc / "ARC-Challenge-Dev.jsonl", arc / "ARC-Challenge-Train.jsonl")
     board, suite_dir = tmp_path / "board.csv", tmp_path / "suite"
     done = offline_run("harness.suite", "suite=openllm", "model=gpt-tiny", "limit=2", f"leaderboard={board}",
                        f"hydra.run.dir={suite_dir}", data=data)
@@ -209,5 +229,26 @@ def test_openllm_suite_on_fixtures(tmp_path):
                           ("piqa", "0"), ("boolq", "0")}
     assert {(r["task"], r["num_fewshot"]) for r in rows} >= leaderboard_counts
     assert "winogrande" not in {r["task"] for r in rows}
-    assert (suite_dir / "hellaswag" / "records.jsonl").exists() and "| average" in (suite_dir / "suite.md").read_text()
+    markdown = (suite_dir / "suite.md").read_text()
+    assert (suite_dir / "hellaswag" / "records.jsonl").exists() and "| average" in markdown
+    assert markdown.startswith("## Suite openllm (plain-text prompts)")
     assert "winogrande" in done.stdout and "missing" in done.stdout
+
+
+def test_the_suite_passes_its_prompt_format_to_every_member(monkeypatch):
+    """`apply_chat_template=true` on the suite reaches every member's task config, and the table's
+    title says how the prompts were shown."""
+    from hydra import compose, initialize_config_dir
+
+    from harness.suite import member_config, prompt_format, read_members
+    monkeypatch.setenv("HARNESS_DATA", str(FIXTURES))
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="suite_eval", overrides=["apply_chat_template=true", "fewshot_as_multiturn=false"])
+        members = read_members(cfg)
+        jobs = [member_config(cfg, m).task for m in members]
+        assert all(j.apply_chat_template is True and j.fewshot_as_multiturn is False for j in jobs)
+        piqa = next(m for m in members if m.task == "piqa")
+        piqa.built, piqa.status = our_task("piqa", monkeypatch, apply_chat_template=True, fewshot_as_multiturn=False), "ran"
+        assert prompt_format(members) == "chat template"
+        piqa.built = our_task("piqa", monkeypatch)
+        assert prompt_format(members) == "plain-text prompts"

@@ -344,6 +344,33 @@ def test_fetchers_extract_archives_atomically(tmp_path, monkeypatch):
         (shared / "arc/ARC-Easy/ARC-Easy-Dev.jsonl").read_bytes()
     assert sorted(p.name for p in (tmp_path / "arc").rglob("*.jsonl")) == sorted(Path(r).name for r in data.ARC_SHA256)
     assert not list(tmp_path.glob(".staging-*"))
+    # the train split (lm-eval's few-shot pool) only when a task asks for it
+    assert data.local_path("arc/ARC-Easy/ARC-Easy-Train.jsonl").read_text() == "{}"
+    assert not (tmp_path / "arc/ARC-Challenge/ARC-Challenge-Train.jsonl").exists()
+
+
+def test_an_absent_arc_train_split_names_the_dev_rows_as_the_offline_fix(tmp_path, monkeypatch):
+    shared = data_root()
+    monkeypatch.setenv("HARNESS_DATA", str(tmp_path))
+    for rel in data.ARC_SHA256:
+        (tmp_path / "arc" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "arc" / rel).symlink_to(shared / "arc" / rel)
+    monkeypatch.setattr(data, "download", fake_download(None))
+    MultipleChoiceTask(**yaml_task("arc_challenge"), limit=2).samples()        # 0-shot: no train split needed
+    with pytest.raises(MissingFileError) as err:
+        MultipleChoiceTask(**yaml_task("arc_challenge"), num_fewshot=25)
+    assert "ARC-Challenge-Train.jsonl" in str(err.value)
+    assert "task.fewshot_path=arc/ARC-Challenge/ARC-Challenge-Dev.jsonl task.fewshot_sampler=first_n" in str(err.value)
+    task = MultipleChoiceTask(**{**yaml_task("arc_challenge"), "fewshot_path": "arc/ARC-Challenge/ARC-Challenge-Dev.jsonl",
+                                 "fewshot_sampler": "first_n"}, num_fewshot=2, limit=1)
+    assert task.samples()[0].data["context"].count("Question:") == 3
+
+
+def yaml_task(name: str) -> dict:
+    import yaml
+    config = yaml.safe_load((CONF / f"{name}.yaml").read_text())
+    config.pop("_target_")
+    return {k: v for k, v in config.items() if k not in ("limit", "num_fewshot")}
 
 
 # --- a real (tiny, randomly initialised) model, when the registry is there ----------------------------

@@ -30,6 +30,7 @@ from tasks.base import (
     check_limit,
     text_hash,
 )
+from tasks.chat import ChatFormat, as_text, common_prefix, qa_turns
 from tasks.fewshot import sample_shots
 from tasks.multiple_choice import mean_metric, score_choices
 from tasks.suite.benchmarks import RENDERERS, Doc
@@ -45,24 +46,27 @@ def lm_eval_shots(pool: Sequence[dict], docs: Sequence[dict], n: int, seed: int)
     return [sample_shots(list(pool), n, doc, "random", rnd) if n else [] for doc in docs]
 
 
-def render(docs_shots: Sequence[Doc], doc: Doc) -> tuple[str, list[str], list[str] | None]:
-    """(shared context, continuations, per-choice contexts or None): lm-eval's fewshot_context and
-    construct_requests for a multiple_choice task, target delimiter " ", fewshot delimiter "\\n\\n"."""
-    block = "".join(
-        (s.choices[s.gold] + " " + s.target if s.multiple_input else s.text + " " + s.choices[s.gold]) + "\n\n"
-        for s in docs_shots)
+def render(docs_shots: Sequence[Doc], doc: Doc, chat: ChatFormat = ChatFormat()) -> dict[str, Any]:
+    """A sample's prompt fields, as lm-eval's fewshot_context and construct_requests make them for a
+    multiple_choice task (target delimiter " ", none under a chat template; fewshot delimiter
+    "\\n\\n"): `context` and `continuations`, per-choice `contexts` for a multiple-input task
+    (Winogrande: each choice is a context, the shared target the continuation; `context` is then
+    their common beginning), and the chat messages when a chat template applies."""
+    shots = [(s.choices[s.gold], s.target) if s.multiple_input else (s.text, s.choices[s.gold]) for s in docs_shots]
+    delimiter = "" if chat.apply else " "
     if doc.multiple_input:
-        contexts = [block + c for c in doc.choices]
-        return _common_prefix(contexts), [" " + doc.target] * len(contexts), contexts
-    return block + doc.text, [" " + c for c in doc.choices], None
-
-
-def _common_prefix(texts: Sequence[str]) -> str:
-    first, last = min(texts), max(texts)
-    i = 0
-    while i < min(len(first), len(last)) and first[i] == last[i]:
-        i += 1
-    return first[:i]
+        per_choice = [qa_turns("", shots, choice) for choice in doc.choices]
+        contexts = [as_text(turns) for turns in per_choice]
+        data = {"context": common_prefix(contexts), "contexts": contexts,
+                "continuations": [delimiter + doc.target] * len(contexts)}
+        chat_data = {"per_choice": [chat.messages(turns) for turns in per_choice]}
+    else:
+        turns = qa_turns("", shots, doc.text)
+        data = {"context": as_text(turns), "continuations": [delimiter + c for c in doc.choices]}
+        chat_data = {"messages": chat.messages(turns)}
+    if chat.apply:
+        data["chat"] = {"format": chat.version, **chat_data}
+    return data
 
 
 class SuiteTask:
@@ -71,12 +75,14 @@ class SuiteTask:
     def __init__(self, name: str, benchmark: str, dataset: dict[str, Any], local_folder: str,
                  eval_split: str, fewshot_split: str, metrics: Sequence[str] = ("acc",),
                  num_fewshot: int = 0, fewshot_seed: int = 1234, limit: int | None = None,
-                 id_field: str | None = None):
+                 id_field: str | None = None, apply_chat_template: bool = False,
+                 fewshot_as_multiturn: bool | None = None):
         if benchmark not in RENDERERS:
             raise TaskError(f"unknown suite benchmark {benchmark!r}; choose one of {sorted(RENDERERS)}")
         self.name, self.benchmark, self.split = name, benchmark, eval_split
         self.num_fewshot, self.limit = check_fewshot(num_fewshot), check_limit(limit)
         self.fewshot_seed, self.id_field, self.metric_names = int(fewshot_seed), id_field, list(metrics)
+        self.chat = ChatFormat.from_options(apply_chat_template, fewshot_as_multiturn)
         source = (local_folder, dataset["repo"], dataset.get("name"), dataset.get("revision"))
         self.rows, provenance = load_split(*source, eval_split)
         self.pool: list[dict] = []
@@ -86,7 +92,8 @@ class SuiteTask:
                 raise TaskError(f"{name}: the {fewshot_split} split has {len(self.pool)} rows, too few for "
                                 f"task.num_fewshot={self.num_fewshot}")
             provenance += f"|{fewshot_split}:{pool_provenance}|seed={self.fewshot_seed}"
-        self.version = text_hash(TEMPLATE_VERSION, benchmark, str(self.num_fewshot), provenance)
+        self.version = text_hash(TEMPLATE_VERSION, benchmark, str(self.num_fewshot), provenance,
+                                 *([self.chat.version] if self.chat.apply else []))
 
     def _doc(self, row: dict, where: str) -> Doc:
         try:
@@ -100,15 +107,12 @@ class SuiteTask:
         out = []
         for i, (row, shots) in enumerate(zip(rows, shot_rows)):
             doc = self._doc(row, f"{self.split} row {i + 1}")
-            context, continuations, contexts = render([self._doc(s, "a few-shot row") for s in shots], doc)
-            sample_id = str(row[self.id_field]) if self.id_field else f"{i:05d}-{text_hash(*continuations)[:8]}"
-            data = {"context": context, "continuations": continuations, "gold": doc.gold,
-                    "labels": [str(k) for k in range(len(continuations))],
-                    # acc_norm divides by the choice's character length, lm-eval's `len(choice)`
-                    "norm_lengths": [len(c) for c in doc.choices] if "acc_norm" in self.metric_names else None,
-                    "extra": {}}
-            if contexts is not None:
-                data["contexts"] = contexts
+            data = render([self._doc(s, "a few-shot row") for s in shots], doc, self.chat)
+            sample_id = str(row[self.id_field]) if self.id_field else f"{i:05d}-{text_hash(*data['continuations'])[:8]}"
+            data.update(gold=doc.gold, labels=[str(k) for k in range(len(data["continuations"]))],
+                        # acc_norm divides by the choice's character length, lm-eval's `len(choice)`
+                        norm_lengths=[len(c) for c in doc.choices] if "acc_norm" in self.metric_names else None,
+                        extra={})
             if doc.true_mask is not None:
                 data["true_mask"] = list(doc.true_mask)
             out.append(Sample(sample_id, data))
