@@ -2,7 +2,8 @@
 
 One class for all six: the benchmark's renderer (tasks/suite/benchmarks.py) turns each HF row into
 lm-eval's text, choices and gold; the prompt is lm-eval's plain-text fewshot_context (each shot as
-text + " " + gold answer + "\\n\\n", then the text); each choice is scored as " <choice>" by
+text + " " + gold answer + "\\n\\n", then the text), or those turns through the model's chat
+template (`apply_chat_template`, tasks/chat.py); each choice is scored as " <choice>" by
 loglikelihood in one call for all samples (tasks/multiple_choice.py). Metrics as lm-eval reports
 them: acc (argmax, first on ties), acc_norm (loglikelihood per character of the choice), and for
 TruthfulQA MC2 `acc` = the normalised probability mass on the true answers (process_results_mc2).
