@@ -157,7 +157,10 @@ class TorchLM:
 
     def generate(self, prompts: Sequence[str], *, max_new_tokens: int, stop: Sequence[str] = (),
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                 seed: int | None = None, batch_size: int = 8) -> list[str]:
+                 seed: int | None = None, batch_size: int | None = None) -> list[str]:
+        """Batches of similar-length prompts (`batch_size` rows, or as many as `generate_kv_bytes` of
+        KV cache holds, at most 64: a decoding step re-reads every weight whatever the batch, so
+        more rows per step come nearly free until the cache or the compute is the limit)."""
         self.require_vocabulary_head()
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         encoded = [self.encode(p)[-(self.max_length - 1):] for p in prompts]
@@ -165,17 +168,30 @@ class TorchLM:
         outputs: list[str] = [""] * len(prompts)
         decode = self.tokenizer.decode
         prefix, P = self._shared_prefix(encoded)
+        if batch_size is None:
+            width = max(map(len, encoded), default=1) - P
+            batch_size = self._rows_that_fit(width + max_new_tokens, P)
+        # A stop string of n characters lies within the last 4n tokens (a byte-level token holds at
+        # least one UTF-8 byte), so each step decodes only that tail, not the whole generation.
+        tail = 4 * max((len(x) for x in stop), default=0) + 4
+        stop_check = (lambda _r, toks: any(x in decode(toks[-tail:]) for x in stop)) if stop else None
 
         for s in tqdm(range(0, len(order), batch_size), desc=f"{self.name} generate",
                       disable=not self.progress or len(order) <= batch_size, leave=False):
             idx = order[s:s + batch_size]
-            stop_check = (lambda _r, toks: any(x in decode(toks) for x in stop)) if stop else None
             new = generate_tokens(self.model, [encoded[i][P:] for i in idx], max_new_tokens=max_new_tokens,
                                   eos_ids=self.stop_ids(), temperature=temperature, top_k=top_k,
                                   top_p=top_p, generator=generator, should_stop=stop_check, prefix=prefix)
             for i, toks in zip(idx, new):
                 outputs[i] = cut_at_stop(decode(toks), stop)
         return outputs
+
+    generate_kv_bytes = 2 << 30   # KV cache one generation batch may hold (2 GiB)
+
+    def _rows_that_fit(self, own_positions: int, shared: int) -> int:
+        probe = self.model.new_cache(1, 1)
+        per_position = (probe.k.numel() + probe.v.numel()) * probe.k.element_size()
+        return max(1, min(64, self.generate_kv_bytes // (per_position * (own_positions + shared))))
 
     def _shared_prefix(self, encoded: list[list[int]]):
         """(1-row KV cache, its length) of the tokens every prompt starts with (a `first_n` few-shot
