@@ -69,8 +69,24 @@ class ChatFormat:
 
     @property
     def version(self) -> str:
-        """The task version's part: empty for plain text, so plain versions stay what they were."""
+        """The format's name (records' `chat_format`); empty for plain text."""
         return ("chat-multiturn" if self.multiturn else "chat-single") if self.apply else ""
+
+    @property
+    def version_parts(self) -> list[str]:
+        """What a task version hashes for the format: nothing for plain text, so the versions of
+        plain-text tasks (and the runs that resume by them) stay what they were."""
+        return [self.version] if self.apply else []
+
+    @property
+    def answer_delimiter(self) -> str:
+        """What precedes a scored answer: lm-eval's " ", none under a chat template (the answer
+        follows the assistant header)."""
+        return "" if self.apply else " "
+
+    def sample_field(self, turns: Sequence[Turn]) -> dict:
+        """A sample's `chat` data: the messages `render_prompts` renders with the scored model."""
+        return {"format": self.version, "messages": self.messages(turns)}
 
     def messages(self, turns: Sequence[Turn]) -> list[dict]:
         """lm-eval's Message.to_dict per turn (multiturn), or multiturn_to_singleturn."""

@@ -20,6 +20,8 @@ def sample_shots(pool: list[dict], n: int, eval_doc: dict | None, sampler: str,
         if n > len(own):
             raise TaskError(f"num_fewshot={n} but only {len(own)} few-shot rows")
         return own[:n]
+    if n > len(pool) - (eval_doc is not None):   # random.sample would raise a bare ValueError
+        raise TaskError(f"num_fewshot={n} but only {len(pool)} few-shot rows")
     if eval_doc is None:
         return rng.sample(pool, n)
     shots = [x for x in rng.sample(pool, n + 1) if x != eval_doc][:n]

@@ -118,7 +118,7 @@ class GenerativeTask:
                      generation=self.generation, repeats=self.repeats, filters=self.filter_list,
                      metrics=self.metric_list, fields=[format, self.columns, id_field])
         self.version = text_hash(TEMPLATE_VERSION, json.dumps(setup, sort_keys=True, default=str), *data_hashes,
-                                 *([self.chat.version] if self.chat.apply else []))
+                                 *self.chat.version_parts)
 
     def _generation(self, kwargs: dict) -> dict:
         """until / max_gen_toks / temperature, with lm-eval's defaults (256 tokens, greedy unless
@@ -180,7 +180,7 @@ class GenerativeTask:
             first_line[sample_id] = lineno
             data = {"prompt": prompt, "target": target}
             if self.chat.apply:   # rendered with the scored model's template in score()
-                data["chat"] = {"format": self.chat.version, "messages": self.chat.messages(turns)}
+                data["chat"] = self.chat.sample_field(turns)
             out.append(Sample(sample_id, data))
         return out
 

@@ -82,7 +82,7 @@ class MMLUTask:
                 shortfall = "shortfall:" + ",".join(f"{s}={n}" for s, n in sorted(have.items()) if n < self.requested_fewshot)
         self.version = text_hash(TEMPLATE_VERSION, split, str(self.num_fewshot), shortfall,
                                  *(f"{p.name}:{sha256_file(p)}" for p in files),
-                                 *([self.chat.version] if self.chat.apply else []))
+                                 *self.chat.version_parts)
 
     def _check_fewshot_pools(self) -> dict[str, int]:
         """Shots available per subject. A dev file shorter than num_fewshot would silently give

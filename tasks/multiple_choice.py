@@ -77,11 +77,9 @@ def choice_sample(sample_id: str, template: str, description: str, shots: Sequen
                   item: Item, chat: ChatFormat = PLAIN, **extra: Any) -> Sample:
     answers = TEMPLATES[template][1](item)
     turns = context_turns(template, description, shots, item)
-    # under a chat template lm-eval scores the answer right after the assistant header: no " "
-    delimiter = "" if chat.apply else " "
     data = {
         "context": as_text(turns),
-        "continuations": [delimiter + a for a in answers],
+        "continuations": [chat.answer_delimiter + a for a in answers],
         "labels": list(item.labels),
         "gold": item.gold,
         # acc_norm divides by the answer's character length (lm-eval); letters would make it == acc
@@ -89,7 +87,7 @@ def choice_sample(sample_id: str, template: str, description: str, shots: Sequen
         "extra": extra,
     }
     if chat.apply:   # rendered with the scored model's template in score_choices
-        data["chat"] = {"format": chat.version, "messages": chat.messages(turns)}
+        data["chat"] = chat.sample_field(turns)
     return Sample(sample_id, data)
 
 
@@ -221,7 +219,7 @@ class MultipleChoiceTask:
         drawn = f"sampler=random:{self.fewshot_seed}" if self.num_fewshot and self.sampler == "random" else ""
         self.version = text_hash(TEMPLATE_VERSION, template, description, str(self.num_fewshot),
                                  json.dumps(self.fields, sort_keys=True), *data_hashes,
-                                 *(p for p in (drawn, self.chat.version) if p))
+                                 *([drawn] if drawn else []), *self.chat.version_parts)
 
     def items(self, path) -> list[Item]:
         out = []
@@ -270,7 +268,7 @@ class MultipleChoiceTask:
             try:
                 shots = sample_shots(pool, self.num_fewshot, item if same_file else None, self.sampler, rng) \
                     if self.num_fewshot else []
-            except (TaskError, ValueError):   # random.sample on a too-small pool raises ValueError
+            except TaskError:
                 raise TaskError(f"{self.fewshot_path} has fewer than {self.num_fewshot} few-shot rows") from None
             sample_id = item.meta["row_id"] or f"{i:05d}-{text_hash(item.question)[:8]}"
             out.append(choice_sample(sample_id, self.template, self.description, shots, item, self.chat))

@@ -108,6 +108,17 @@ def test_shots_from_the_test_file_never_include_the_question(tmp_path):
             assert f"Q: {doc['q']} " not in sample.data["prompt"]
 
 
+@pytest.mark.parametrize("sampler", ["first_n", "random"])
+def test_a_pool_too_small_for_the_shots_is_a_task_error(tmp_path, sampler):
+    """Both samplers say what is short (random.sample alone would raise a bare ValueError)."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"q": f"q{i}", "a": f"a{i}"}) + "\n" for i in range(3)))
+    task = GenerativeTask(name="t", path=str(data), doc_to_text="Q: {{q}}", doc_to_target="a",
+                          num_fewshot=3, fewshot_path=str(data), fewshot_sampler=sampler)
+    with pytest.raises(TaskError, match="num_fewshot=3 but only"):
+        task.samples()
+
+
 
 # --- GSM8K parity with lm-eval's hf backend: the proof --------------------------------------------------
 

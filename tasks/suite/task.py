@@ -54,19 +54,18 @@ def render(docs_shots: Sequence[Doc], doc: Doc, chat: ChatFormat = ChatFormat())
     (Winogrande: each choice is a context, the shared target the continuation; `context` is then
     their common beginning), and the chat messages when a chat template applies."""
     shots = [(s.choices[s.gold], s.target) if s.multiple_input else (s.text, s.choices[s.gold]) for s in docs_shots]
-    delimiter = "" if chat.apply else " "
     if doc.multiple_input:
         per_choice = [qa_turns("", shots, choice) for choice in doc.choices]
         contexts = [as_text(turns) for turns in per_choice]
         data = {"context": common_prefix(contexts), "contexts": contexts,
-                "continuations": [delimiter + doc.target] * len(contexts)}
-        chat_data = {"per_choice": [chat.messages(turns) for turns in per_choice]}
+                "continuations": [chat.answer_delimiter + doc.target] * len(contexts)}
+        chat_data = {"format": chat.version, "per_choice": [chat.messages(turns) for turns in per_choice]}
     else:
         turns = qa_turns("", shots, doc.text)
-        data = {"context": as_text(turns), "continuations": [delimiter + c for c in doc.choices]}
-        chat_data = {"messages": chat.messages(turns)}
+        data = {"context": as_text(turns), "continuations": [chat.answer_delimiter + c for c in doc.choices]}
+        chat_data = chat.sample_field(turns)
     if chat.apply:
-        data["chat"] = {"format": chat.version, **chat_data}
+        data["chat"] = chat_data
     return data
 
 
@@ -94,7 +93,7 @@ class SuiteTask:
                                 f"task.num_fewshot={self.num_fewshot}")
             provenance += f"|{fewshot_split}:{pool_provenance}|seed={self.fewshot_seed}"
         self.version = text_hash(TEMPLATE_VERSION, benchmark, str(self.num_fewshot), provenance,
-                                 *([self.chat.version] if self.chat.apply else []))
+                                 *self.chat.version_parts)
 
     def _doc(self, row: dict, where: str) -> Doc:
         try:
