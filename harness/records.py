@@ -51,13 +51,15 @@ def load_records(path: str | os.PathLike) -> list[Record]:
 
 
 class RecordWriter:
-    """Appends records to a JSONL file; each `write` is one write call, flushed and fsynced."""
+    """Appends records to a JSONL file; each `write` is one write call, flushed and fsynced. The
+    file is opened at the first record, so a run refused while scoring its first chunk (a model
+    that cannot answer the task, say) leaves no empty records file behind."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._repair_tail()
-        self._f = open(self.path, "ab")
+        self._f = None
 
     def _repair_tail(self) -> None:
         """Make the file end at a line boundary: cut a torn last line, or terminate a whole one."""
@@ -79,12 +81,15 @@ class RecordWriter:
         data = "".join(r.to_json() + "\n" for r in records).encode("utf-8")
         if not data:
             return
+        if self._f is None:
+            self._f = open(self.path, "ab")
         self._f.write(data)
         self._f.flush()
         os.fsync(self._f.fileno())
 
     def close(self) -> None:
-        self._f.close()
+        if self._f is not None:
+            self._f.close()
 
     def __enter__(self) -> "RecordWriter":
         return self

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from harness.cli import UserError, bool_option, exit_after, int_option, message, run_cli
 from harness.config import CONF_DIR, instantiate, rewrite_argv
 from harness.report.render import markdown_row
+from tasks.chat import ChatFormat
 
 log = logging.getLogger("harness")
 TABLE_FIELDS = ("task", "metric", "num_fewshot", "score", "n", "status", "counts", "reason")
@@ -103,6 +104,8 @@ def read_score(run_dir: Path, member: Member) -> None:
 def run_suite(cfg: DictConfig, suite_dir: Path) -> int:
     from harness.__main__ import run_job
 
+    # the suite's own prompt options, checked once here rather than failing every member alike
+    ChatFormat.from_options(cfg.get("apply_chat_template", False), cfg.get("fewshot_as_multiturn"), scope="")
     members = read_members(cfg)
     for m in members:
         reason = missing_reason(cfg, m)

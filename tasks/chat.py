@@ -57,13 +57,15 @@ class ChatFormat:
     multiturn: bool = False
 
     @classmethod
-    def from_options(cls, apply_chat_template, fewshot_as_multiturn=None) -> ChatFormat:
-        apply = bool_option(apply_chat_template, "task.apply_chat_template")
+    def from_options(cls, apply_chat_template, fewshot_as_multiturn=None, scope: str = "task.") -> ChatFormat:
+        """`scope`: where the options were set, for the error line (`task.` for a task, "" for
+        harness.suite's own options)."""
+        apply = bool_option(apply_chat_template, f"{scope}apply_chat_template")
         if fewshot_as_multiturn is None:
             return cls(apply, apply)
-        multiturn = bool_option(fewshot_as_multiturn, "task.fewshot_as_multiturn")
+        multiturn = bool_option(fewshot_as_multiturn, f"{scope}fewshot_as_multiturn")
         if multiturn and not apply:
-            raise TaskError("task.fewshot_as_multiturn=true needs task.apply_chat_template=true "
+            raise TaskError(f"{scope}fewshot_as_multiturn=true needs {scope}apply_chat_template=true "
                             "(few-shot turns exist only in a chat)")
         return cls(apply, multiturn)
 

@@ -303,6 +303,17 @@ def _cases(w, tmp: Path) -> dict:
         "chat_template_not_bool": ("harness", ["task=gsm8k", "task.apply_chat_template=yes", "model=gpt-tiny",
                                                *eval_args(w, tmp)[4:]],
                                    ["task.apply_chat_template='yes': expected true or false"]),
+        "chat_template_model_without_one": ("harness", [*MMLU, "task.apply_chat_template=true", *eval_args(w, tmp)[4:]],
+                                            ["has no chat template", "drop it for a base model"]),
+        "arc_unknown_fewshot_sampler": ("harness", ["task=arc_easy", "task.num_fewshot=1", "task.fewshot_sampler=sometimes",
+                                                    "model=gpt-tiny", *eval_args(w, tmp)[4:]],
+                                        ["fewshot_sampler must be one of first_n, random", "'sometimes'"]),
+        "suite_chat_template_not_bool": ("harness.suite", ["suite=openllm", "model=gpt-tiny", "apply_chat_template=yes",
+                                                           *eval_args(w, tmp)[4:]],
+                                         ["apply_chat_template='yes': expected true or false"]),
+        "suite_multiturn_without_chat_template": ("harness.suite", ["suite=openllm", "model=gpt-tiny",
+                                                                    "fewshot_as_multiturn=true", *eval_args(w, tmp)[4:]],
+                                                  ["fewshot_as_multiturn=true needs apply_chat_template=true"]),
         "train_logger_not_installed": ("harness.train", ["train=pretrain_tiny", "logger=wandb",
                                                          f"output_dir={tmp / 'train_out'}"],
                                        ["logger=wandb needs the wandb package: pip install 'harness[wandb]'"],
@@ -331,7 +342,8 @@ CASE_NAMES = [
     "train_unknown_strategy", "train_compile_not_bool", "eval_compile_not_bool", "arena_no_runs",
     "train_unknown_logger", "eval_unknown_logger", "train_logger_not_installed",
     "view_host_not_loopback", "suite_unknown", "gsm8k_unknown_fewshot_sampler",
-    "multiturn_without_chat_template", "chat_template_not_bool",
+    "multiturn_without_chat_template", "chat_template_not_bool", "chat_template_model_without_one",
+    "arc_unknown_fewshot_sampler", "suite_chat_template_not_bool", "suite_multiturn_without_chat_template",
 ]
 
 
