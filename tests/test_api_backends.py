@@ -134,6 +134,32 @@ def test_openai_mmlu_matches_in_process_and_reruns_from_the_cache(ollama_server,
     assert all(str(s).startswith("fp_") for s in acc.checkpoint_sha[1:])
 
 
+def test_chat_formatted_gsm8k_through_the_openai_client_matches_in_process(ollama_server, tmp_path):
+    """task.apply_chat_template=true on an API model: the messages go to /v1/chat/completions and the
+    server renders SmolLM2's template, so the greedy answers are the in-process ones; a log-likelihood
+    task refuses the chat format in one line (the server's template text is not the harness's)."""
+    gsm8k = ["task=gsm8k", "task.limit=2", "task.generation_kwargs.max_gen_toks=32", "task.apply_chat_template=true"]
+    board = tmp_path / "lb.csv"
+    runs = {"local": ["model=smollm2-135m-instruct"],
+            "api": [f"model=openai:{ollama_server.model}", f"model.base_url={ollama_server.url}/v1"]}
+    for name, model in runs.items():
+        p = harness(*gsm8k, *model, f"hydra.run.dir={tmp_path / name}", f"leaderboard={board}", tmp_path=tmp_path)
+        assert p.returncode == 0, p.stderr[-3000:]
+
+    def records(run):
+        return {r["sample_id"]: r for r in map(json.loads, (tmp_path / run / "records.jsonl").read_text().splitlines())}
+    mine, theirs = records("api"), records("local")
+    assert len(mine) == 2 and mine.keys() == theirs.keys()
+    for sid, r in mine.items():
+        assert r["extra"]["generations"] == theirs[sid]["extra"]["generations"] and r["extra"]["generations"][0]
+        assert json.loads(r["extra"]["prompt"])[-1]["role"] == "user"          # the messages the server rendered
+        assert theirs[sid]["extra"]["prompt"].endswith("<|im_start|>assistant\n")
+    p = harness(*MMLU, "task.apply_chat_template=true", *runs["api"], f"hydra.run.dir={tmp_path / 'mmlu'}",
+                f"leaderboard={board}", tmp_path=tmp_path)
+    assert_one_error_line(p, "its server applies the chat template", "drop task.apply_chat_template")
+    assert not (tmp_path / "mmlu" / "records.jsonl").exists()
+
+
 def test_openai_text_scoring_needs_the_first_token_scored(ollama_server, smollm2_lm, tmp_path):
     lm = OpenAILM(ollama_server.model, f"{ollama_server.url}/v1", cache_dir=str(tmp_path / "c"), progress=False)
     text = "Hello world, this is a test."
